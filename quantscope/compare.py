@@ -1,0 +1,470 @@
+"""The comparison protocol: every format measured the same way, each in its own worker process.
+
+`compare(config)` validates everything first (formats, model, text, window counts) so a bad input fails
+before any work; then, for each format, a fresh worker process loads the baseline, makes the format,
+scores the same token windows (perplexity, and KL divergence / top-1 agreement against the baseline
+computed side by side, window by window), measures the weight bytes, prefill/decode speed and the
+worker's peak RSS, and returns one record. A worker per format keeps peak-RSS figures separate (a
+process's peak only grows) and isolates crashes: a format that kills its worker becomes a row with an
+error, not a failed run.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import multiprocessing as mp
+import os
+import platform
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import QuantscopeError
+from .formats.spec import FormatSpec
+from .measure.speed import SpeedConfig
+from .registry import BackendFormat, resolve_format
+
+# The default run: the baseline plus the formats people reach for first. With 8 windows of 512 tokens
+# it finishes in a few minutes on 2 CPU cores.
+DEFAULT_FORMATS = ("fp32", "bf16", "int8", "int4-g128", "nf4")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    model: str = "default"  # 'default' (embedded SmolLM2), a local HF folder, a Hub id or a .gguf file
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    text: str = "python-docs"  # 'python-docs', a .txt or a .jsonl (field 'text')
+    ctx: int = 512  # tokens per window
+    windows: int = 8  # windows scored: 8 x 512 = 4,096 tokens keeps the default run to minutes
+    score_second_half: bool = False  # llama.cpp convention: score only the second half of each window
+    include: tuple[str, ...] = ()  # module-name patterns added to the default selection
+    exclude: tuple[str, ...] = ()  # module-name patterns removed from it
+    calib: str | None = None  # calibration text for GPTQ/AWQ; None: the evaluation text's head
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    speed: SpeedConfig = SpeedConfig()
+    measure_speed: bool = True
+    isolate: bool = True  # one worker process per format (separate peak RSS, crash isolation)
+    dtype: str = "float32"  # baseline dtype
+    threads: int | None = None  # torch threads in workers (None: torch's default)
+    trust_remote_code: bool = False
+    tasks: tuple[tuple[str, str], ...] = ()  # (task name, path) pairs, see evaluate.tasks
+    task_limit: int | None = None
+    task_sample_seed: int | None = None
+    task_shots: int = 0
+
+    def __post_init__(self):
+        if self.ctx < 2:
+            raise QuantscopeError(f"--ctx must be at least 2, got {self.ctx}")
+        if self.windows < 1:
+            raise QuantscopeError(f"--windows must be at least 1, got {self.windows}")
+        if not self.formats:
+            raise QuantscopeError("no formats given")
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise QuantscopeError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to measure one format (picklable)."""
+
+    format: str
+    is_baseline: bool
+    model_path: str
+    model_name: str
+    model_ref: str
+    dtype: str
+    trust_remote_code: bool
+    windows: torch.Tensor
+    score_from: int
+    calib: torch.Tensor | None
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    speed: SpeedConfig
+    measure_speed: bool
+    threads: int | None
+    common: dict = field(default_factory=dict)  # fields copied into the record
+    tasks: list = field(default_factory=list)  # loaded Task objects
+
+
+@dataclass
+class Prepared:
+    config: CompareConfig
+    specs: list  # FormatSpec | BackendFormat, baseline first
+    jobs: list[Job]
+    notes: list[str]
+    meta: dict
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"quantscope_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__}
+
+
+def _baseline_name(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+
+
+def prepare(config: CompareConfig) -> Prepared:
+    """Validate the inputs and build one job per format; raises QuantscopeError on any bad input."""
+    from .evaluate.text import load_text, make_windows, tokenize
+    from .model.load import load_config, load_tokenizer, resolve
+
+    specs = []
+    seen = set()
+    for name in config.formats:
+        s = resolve_format(name)
+        if s.name not in seen:
+            seen.add(s.name)
+            specs.append(s)
+    base_name = _baseline_name(config.dtype)
+    notes: list[str] = []
+    kind, path, fingerprint, model_name = resolve(config.model)
+    try:
+        tok = load_tokenizer(path, config.trust_remote_code)
+        mcfg = load_config(path, config.trust_remote_code)
+    except QuantscopeError:
+        raise
+    except Exception as e:
+        hint = " (offline, or no such model?)" if kind == "hub" else ""
+        raise QuantscopeError(f"could not load model '{config.model}'{hint}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    max_pos = getattr(mcfg, "max_position_embeddings", None)
+    if max_pos and config.ctx > max_pos:
+        raise QuantscopeError(f"--ctx {config.ctx} is longer than the model's maximum ({max_pos} tokens)")
+    text = load_text(config.text)
+    ids = tokenize(tok, text.text)
+    calibrated = any(isinstance(s, FormatSpec) and s.calibrated or
+                     isinstance(s, BackendFormat) and s.needs_calibration for s in specs)
+    calib = None
+    start = 0
+    if calibrated:
+        need = config.calib_samples * config.calib_seqlen
+        if config.calib is None or load_text(config.calib).sha256 == text.sha256:
+            cids = ids
+            start = need  # evaluation starts after the calibration head: disjoint by construction
+            notes.append(f"calibration: the first {need} tokens of {text.name} ({config.calib_samples} x "
+                         f"{config.calib_seqlen}); evaluation windows start after them (disjoint)")
+            cname = text.name
+        else:
+            ctext = load_text(config.calib)
+            cids = tokenize(tok, ctext.text)
+            cname = ctext.name
+            notes.append(f"calibration: {config.calib_samples} x {config.calib_seqlen} tokens from the head of {cname}")
+        if len(cids) < config.calib_seqlen:
+            raise QuantscopeError(f"calibration text {cname} has {len(cids)} tokens, fewer than one "
+                                  f"sample of --calib-seqlen {config.calib_seqlen}")
+        n = min(config.calib_samples, len(cids) // config.calib_seqlen)
+        if n < config.calib_samples:
+            notes.append(f"calibration text has room for only {n} samples of {config.calib_seqlen} tokens")
+            if cids is ids:
+                start = n * config.calib_seqlen
+        calib = cids[: n * config.calib_seqlen].view(n, config.calib_seqlen).clone()
+    windows = make_windows(ids, config.ctx, config.windows, start=start, source=text.name)
+    score_from = config.ctx // 2 if config.score_second_half else 1
+    tasks = []
+    if config.tasks:
+        from .evaluate.tasks import load_task
+
+        for tname, tpath in config.tasks:
+            tasks.append(load_task(tname, tpath, limit=config.task_limit,
+                                   sample_seed=config.task_sample_seed, shots=config.task_shots))
+    common = {
+        "model": model_name,
+        "model_ref": config.model,
+        "model_fingerprint": fingerprint,
+        "text": text.name,
+        "text_sha256": text.sha256,
+        "ctx": config.ctx,
+        "windows": config.windows,
+        "window_start_token": start,
+        "scoring": "second-half" if config.score_second_half else "all-but-first",
+        **versions(),
+    }
+    jobs = []
+    ordered = [resolve_format(base_name)] + [s for s in specs if s.name != base_name]
+    for s in ordered:
+        jobs.append(Job(format=s.name, is_baseline=s.name == base_name, model_path=str(path),
+                        model_name=model_name, model_ref=config.model, dtype=config.dtype,
+                        trust_remote_code=config.trust_remote_code, windows=windows,
+                        score_from=score_from, calib=calib if _needs_calib(s) else None,
+                        include=config.include, exclude=config.exclude, speed=config.speed,
+                        measure_speed=config.measure_speed, threads=config.threads,
+                        common=dict(common), tasks=tasks))
+    if kind in ("embedded", "gguf"):
+        notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
+                     "full-precision checkpoint)")
+    meta = {**common, "formats": [s.name for s in ordered], "notes": notes, "machine": _machine(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": _config_dict(config)}
+    return Prepared(config, ordered, jobs, notes, meta)
+
+
+def _needs_calib(s) -> bool:
+    return (isinstance(s, FormatSpec) and s.calibrated) or (isinstance(s, BackendFormat) and s.needs_calibration)
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def _config_dict(config: CompareConfig) -> dict:
+    d = asdict(config)
+    d["formats"] = list(config.formats)
+    return d
+
+
+# ---------------------------------------------------------------- the worker
+
+def _quantize(model, spec, job: Job, notes: list[str]):
+    """Make `spec` from the baseline `model` (in place); returns (model, tensors-for-bytes or None)."""
+    from .model.swap import apply_plan, uniform_plan
+
+    if isinstance(spec, BackendFormat):
+        from .backends import load_backend
+        from .model.swap import select_modules
+
+        backend = load_backend(spec.name)
+        chosen = set(select_modules(model, job.include, job.exclude))
+        calib = list(job.calib) if job.calib is not None else None
+        model = backend.quantize(model, spec, lambda n, m: n in chosen, calib)
+        return model, list(backend.storage_tensors(model))
+    if spec.calibrated:
+        from .methods.calibrate import quantize_calibrated
+
+        model, report = quantize_calibrated(model, spec, list(job.calib), include=job.include,
+                                            exclude=job.exclude)
+        notes.extend(report.get("notes", []))
+        return model, None
+    with torch.no_grad():
+        apply_plan(model, uniform_plan(model, spec, job.include, job.exclude))
+    return model, None
+
+
+def measure_format(job: Job, progress: Callable | None = None) -> dict:
+    """Measure one format (runs in the worker process, or inline when isolate=False)."""
+    from .evaluate.perplexity import score_windows
+    from .measure.memory import model_tensors, peak_rss_bytes, tensor_bytes, weight_bytes
+    from .measure.speed import measure_speed
+    from .model.load import load_model
+    from .model.swap import select_modules
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    spec = resolve_format(job.format)
+    rec: dict = {"format": job.format, **job.common, "baseline": job.is_baseline}
+    notes: list[str] = []
+    lm = load_model(job.model_path, dtype=job.dtype, trust_remote_code=job.trust_remote_code)
+    base = lm.model
+    selected = select_modules(base, job.include, job.exclude)
+    mods = dict(base.named_modules())
+    sel_tensors = [mods[n].weight for n in selected]
+    sel_params = int(sum(t.numel() for t in sel_tensors))
+    base_bytes = weight_bytes(base)
+    other_bytes = base_bytes - tensor_bytes(sel_tensors)
+    if job.is_baseline:
+        qmodel, reference, qsec, storage = base, None, 0.0, None
+    else:
+        qmodel = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        qmodel, storage = _quantize(qmodel, spec, job, notes)
+        qsec = time.perf_counter() - t0
+        reference = base
+    qmodel.eval()
+    scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
+                           progress=progress)
+    rec.update(scores.summary())
+    if job.is_baseline:
+        rec.update({"kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0, "kld_median": 0.0,
+                    "top1_agreement": 1.0, "window_kld": [0.0] * len(job.windows)})
+        notes.append("reference row: KL divergence is measured against this model")
+    task_items = {}
+    if job.tasks:
+        from .evaluate.tasks import score_task
+
+        for task in job.tasks:
+            task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
+    del reference, base, lm
+    gc.collect()
+    wb = weight_bytes(qmodel, storage)
+    rec["weight_bytes"] = wb
+    rec["quantized_params"] = sel_params
+    rec["quantized_bytes"] = wb - other_bytes
+    rec["bits_per_weight"] = 8.0 * (wb - other_bytes) / sel_params if sel_params else None
+    rec["quantize_seconds"] = qsec
+    if job.measure_speed:
+        rec.update({k: v for k, v in measure_speed(qmodel, job.windows[0], job.speed).items()
+                    if k != "generated"})
+    else:
+        rec["prefill_tokens_per_s"] = rec["decode_tokens_per_s"] = None
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    if isinstance(spec, BackendFormat):
+        from .backends import load_backend
+
+        rec["backend"] = spec.backend
+        rec["backend_version"] = load_backend(spec.name).version()
+    else:
+        rec["backend"] = "quantscope"
+        rec["spec"] = spec.to_dict()
+    if task_items:
+        rec["task_items"] = {k: _task_items_dict(v) for k, v in task_items.items()}
+    rec["notes"] = notes
+    return rec
+
+
+def _task_items_dict(scores) -> dict:
+    d = {}
+    for k, v in vars(scores).items():
+        d[k] = v.tolist() if hasattr(v, "tolist") else v
+    return d
+
+
+def _worker_main(job: Job, conn) -> None:
+    try:
+        rec = measure_format(job)
+        conn.send(("ok", rec))
+    except QuantscopeError as e:
+        conn.send(("error", str(e)))
+    except Exception as e:  # a format that fails is a row with its reason, not a failed run
+        tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} [{tb}]"))
+    finally:
+        conn.close()
+
+
+def run_job(job: Job, isolate: bool = True) -> dict:
+    """Measure one job, in a fresh spawned process when `isolate`; errors become a record with `error`."""
+    if not isolate:
+        try:
+            return measure_format(job)
+        except QuantscopeError as e:
+            return _error_record(job, str(e))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_worker_main, args=(job, child), daemon=True)
+    p.start()
+    child.close()
+    msg = None
+    try:
+        msg = parent.recv()
+    except EOFError:
+        pass
+    p.join()
+    if msg is None:
+        return _error_record(job, f"worker process died (exit code {p.exitcode}); out of memory?")
+    status, payload = msg
+    return payload if status == "ok" else _error_record(job, payload)
+
+
+def _error_record(job: Job, message: str) -> dict:
+    return {"format": job.format, **job.common, "baseline": job.is_baseline, "error": message}
+
+
+def add_paired_statistics(records: list[dict]) -> None:
+    """Paired deltas against the baseline row (same windows, same questions), in place."""
+    from .evaluate import stats
+
+    base = next((r for r in records if r.get("baseline") and "error" not in r), None)
+    if base is None:
+        return
+    for r in records:
+        if "error" in r or "window_nll" not in r:
+            continue
+        if r is base:
+            r["perplexity_delta"], r["perplexity_delta_ci"] = 0.0, [0.0, 0.0]
+        else:
+            d, lo, hi = stats.paired_ratio_bootstrap_ci(base["window_nll"], base["window_tokens"],
+                                                        r["window_nll"], r["window_tokens"])
+            r["perplexity_delta"], r["perplexity_delta_ci"] = d, [lo, hi]
+            r["perplexity_delta_significant"] = stats.significant(lo, hi)
+        if "task_items" in r:
+            from .evaluate.tasks import summarize_items
+
+            r["tasks"] = {name: summarize_items(items, base.get("task_items", {}).get(name), r is base)
+                          for name, items in r["task_items"].items()}
+
+
+def eval_spec(job: Job) -> dict:
+    """Everything besides the model and format that a record's numbers depend on."""
+    import hashlib
+
+    calib = hashlib.sha256(job.calib.numpy().tobytes()).hexdigest() if job.calib is not None else None
+    return {
+        "text_sha256": job.common["text_sha256"], "ctx": job.common["ctx"], "windows": job.common["windows"],
+        "window_start_token": job.common["window_start_token"], "scoring": job.common["scoring"],
+        "include": list(job.include), "exclude": list(job.exclude), "calib_sha256": calib,
+        "dtype": job.dtype, "speed": asdict(job.speed) if job.measure_speed else None,
+        "tasks": [[t.name, t.source, len(t.items), getattr(t, "shots", 0)] for t in job.tasks],
+    }
+
+
+def job_key(job: Job) -> str:
+    from .store import record_key
+
+    return record_key(job.common["model_fingerprint"], job.format, eval_spec(job), __version__)
+
+
+def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str:
+    """`quantscope-runs/<model>-<text>-<hash of the evaluation settings>`: the same command resumes."""
+    import hashlib
+    import json
+    import re
+
+    key = json.dumps({k: v for k, v in _config_dict(config).items() if k not in ("formats", "isolate", "threads")},
+                     sort_keys=True, default=str)
+    short = lambda s: re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(str(s).rstrip("/")))[:24].strip("-") or "x"
+    return os.path.join(root, f"{short(config.model)}-{short(config.text)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+
+
+def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,
+            run_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
+    """Run the comparison: (records, meta). `on_record` sees each record as it is finished.
+
+    With `run_dir`, every finished record is stored (SQLite, one transaction per record) under a key of
+    (model fingerprint, format, evaluation spec, version): re-running the same comparison reuses what is
+    done and measures only the rest. Failed formats are not stored, so they are retried."""
+    prep = prepare(config)
+    store = None
+    if run_dir is not None:
+        from .store import RunStore
+
+        store = RunStore.open(run_dir, meta=prep.meta)
+    records = []
+    try:
+        for job in prep.jobs:
+            key = job_key(job) if store else None
+            rec = store.get(key) if store else None
+            if rec is not None:
+                rec = dict(rec, reused=True)
+            else:
+                rec = run_job(job, isolate=config.isolate)
+                if store and not rec.get("error"):
+                    store.put(key, rec)
+            if on_record:
+                on_record(rec)
+            records.append(rec)
+        add_paired_statistics(records)
+        if store:
+            store.update_meta({"last_formats": [r["format"] for r in records]})
+    finally:
+        if store:
+            store.close()
+    return records, prep.meta
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

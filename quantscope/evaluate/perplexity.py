@@ -1,0 +1,85 @@
+"""Perplexity and KL divergence against a reference model, streamed window by window.
+
+For each window the model's log-probabilities of the scored positions are compared with the
+reference's on the same tokens: per-token NLL, per-token KL(reference || model), and whether the two
+argmaxes agree. Only per-token scalars are kept (never a vocabulary x tokens dump), so memory does not
+grow with the vocabulary beyond one window's logits.
+
+Scoring: within a window of `ctx` tokens, position t predicts token t+1. By default every token after
+the window's first is scored (the usual Hugging Face recipe); with `score_from = ctx // 2` only the
+second half is, the llama.cpp `perplexity` convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class WindowScores:
+    nll: list[np.ndarray] = field(default_factory=list)  # per window, per scored token
+    kld: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(a) for a in self.nll))
+
+    def summary(self) -> dict:
+        nll = np.concatenate(self.nll).astype(np.float64)
+        n = len(nll)
+        mean = float(nll.mean())
+        se_mean = float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        ppl = math.exp(mean)
+        out = {
+            "tokens_scored": n,
+            "perplexity": ppl,
+            "perplexity_stderr": ppl * se_mean,  # delta method on the per-token NLL (as llama.cpp)
+            "nll_mean": mean,
+            "window_nll": [float(a.sum()) for a in self.nll],
+            "window_tokens": [int(len(a)) for a in self.nll],
+        }
+        if self.kld:
+            kld = np.concatenate(self.kld).astype(np.float64)
+            top1 = np.concatenate(self.top1)
+            out.update({
+                "kld_mean": float(kld.mean()),
+                "kld_stderr": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+                "kld_p99": float(np.quantile(kld, 0.99)),
+                "kld_median": float(np.median(kld)),
+                "top1_agreement": float(top1.mean()),
+                "window_kld": [float(a.sum()) for a in self.kld],
+            })
+        return out
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids.unsqueeze(0), use_cache=False)
+    return out.logits[0].float()
+
+
+def score_windows(model, windows: torch.Tensor, reference=None, score_from: int = 1,
+                  progress=None) -> WindowScores:
+    """Score [n, ctx] windows with `model` (and compare with `reference` if given)."""
+    if not 1 <= score_from < windows.shape[1]:
+        raise ValueError("score_from must be in [1, ctx)")
+    res = WindowScores()
+    with torch.inference_mode():
+        for w in windows:
+            targets = w[score_from:]
+            logp = torch.log_softmax(_logits(model, w)[score_from - 1:-1], dim=-1)
+            res.nll.append((-logp.gather(1, targets[:, None]).squeeze(1)).numpy().astype(np.float32))
+            if reference is not None:
+                ref = torch.log_softmax(_logits(reference, w)[score_from - 1:-1], dim=-1)
+                kld = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
+                res.kld.append(kld.numpy().astype(np.float32))
+                res.top1.append((ref.argmax(-1) == logp.argmax(-1)).numpy())
+                del ref
+            del logp
+            if progress is not None:
+                progress(1)
+    return res

@@ -1,0 +1,64 @@
+"""Memory, measured: the bytes of the tensors that hold a model, and the process's peak RSS.
+
+`weight_bytes` walks every parameter and persistent buffer of every module once, de-duplicating tensors
+that share storage (tied embeddings), and sums `numel * element_size`. For quantized modules those are
+the packed codes, scales and zero points. Nothing here knows about formats: any nn.Module works.
+Tensor subclasses whose storage lives in inner tensors can be handled by passing `tensors` explicitly.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def model_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    """Parameters and persistent buffers of every module (non-persistent buffers such as rotary
+    frequency tables are derived data, not weights)."""
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                yield p
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                yield b
+
+
+def _key(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+        return (st.data_ptr(), st.nbytes())
+    except (RuntimeError, NotImplementedError):
+        return ("id", id(t))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Total bytes of the distinct storages behind `tensors` (a view counts its whole storage once)."""
+    seen: dict = {}
+    for t in tensors:
+        k = _key(t)
+        if k not in seen:
+            seen[k] = k[1] if k[0] != "id" else t.numel() * t.element_size()
+    return int(sum(seen.values()))
+
+
+def weight_bytes(model: nn.Module, tensors: Iterable[torch.Tensor] | None = None) -> int:
+    return tensor_bytes(model_tensors(model) if tensors is None else tensors)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()

