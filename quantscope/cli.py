@@ -94,6 +94,22 @@ def task_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ctx_sweep_table(records: list[dict]) -> str:
+    lens = sorted({int(L) for r in records for L in (r.get("ctx_sweep") or {})})
+    if not lens:
+        return ""
+    lines = ["\nlong context (--ctx-sweep): perplexity / KLD mean at each context length"]
+    lines.append("  " + "format".ljust(22) + "".join(f"{L:>22}" for L in lens))
+    for r in records:
+        cs = r.get("ctx_sweep") or {}
+        cells = []
+        for L in lens:
+            c = cs.get(str(L))
+            cells.append(f"{c['perplexity']:.2f} / {c['kld_mean']:.4f}".rjust(22) if c else "-".rjust(22))
+        lines.append("  " + r["format"].ljust(22) + "".join(cells))
+    return "\n".join(lines)
+
+
 def _cmd_compare(args) -> int:
     from .compare import CompareConfig, compare
     from .measure.speed import SpeedConfig
@@ -106,7 +122,7 @@ def _cmd_compare(args) -> int:
         speed=SpeedConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens),
         measure_speed=not args.no_speed, isolate=not args.no_isolate, threads=args.threads,
         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
-        task_sample_seed=args.sample_seed, task_shots=args.shots,
+        task_sample_seed=args.sample_seed, task_shots=args.shots, ctx_sweep=args.ctx_sweep,
     )
     done: list[dict] = []
 
@@ -135,6 +151,9 @@ def _cmd_compare(args) -> int:
     t = task_table(records)
     if t:
         print(t)
+    s = ctx_sweep_table(records)
+    if s:
+        print(s)
     print("\nΔppl: paired bootstrap over windows vs the baseline; * = the 95% interval excludes zero.")
     if run_dir:
         reused = sum(1 for r in records if r.get("reused"))
@@ -263,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None, help="questions per task (first N, or a sample with --sample-seed)")
     c.add_argument("--sample-seed", type=int, default=None)
     c.add_argument("--shots", type=int, default=0, help="few-shot examples (MMLU)")
+    c.add_argument("--ctx-sweep", type=lambda s: tuple(int(x) for x in _csv(s)), default=(),
+                   help="extra context lengths, e.g. 256,1024,2048: perplexity and KLD at each")
     c.add_argument("--prompt-tokens", type=int, default=64, help="speed test prompt length")
     c.add_argument("--new-tokens", type=int, default=16, help="speed test decode steps")
     c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")

@@ -58,6 +58,7 @@ class CompareConfig:
     task_limit: int | None = None
     task_sample_seed: int | None = None
     task_shots: int = 0
+    ctx_sweep: tuple[int, ...] = ()  # extra context lengths: perplexity and KLD at each (long context)
 
     def __post_init__(self):
         if self.ctx < 2:
@@ -91,6 +92,7 @@ class Job:
     threads: int | None
     common: dict = field(default_factory=dict)  # fields copied into the record
     tasks: list = field(default_factory=list)  # loaded Task objects
+    sweep_windows: dict = field(default_factory=dict)  # {ctx: [n, ctx] windows} for --ctx-sweep
 
 
 @dataclass
@@ -175,8 +177,15 @@ def prepare(config: CompareConfig) -> Prepared:
         from .evaluate.tasks import load_task
 
         for tname, tpath in config.tasks:
-            tasks.append(load_task(tname, tpath, limit=config.task_limit,
-                                   sample_seed=config.task_sample_seed, shots=config.task_shots))
+            tasks.append(load_task(tname, tpath, limit=config.task_limit, sample_seed=config.task_sample_seed,
+                                   shots=config.task_shots if tname == "mmlu" else 0))
+    sweep = {}
+    for L in config.ctx_sweep:
+        if max_pos and L > max_pos:
+            raise QuantscopeError(f"--ctx-sweep {L} is longer than the model's maximum ({max_pos} tokens)")
+        # about the same number of scored tokens at every length, from the same start of the text
+        n = max(1, (config.windows * config.ctx) // L)
+        sweep[L] = make_windows(ids, L, n, start=start, source=text.name)
     common = {
         "model": model_name,
         "model_ref": config.model,
@@ -198,7 +207,7 @@ def prepare(config: CompareConfig) -> Prepared:
                         score_from=score_from, calib=calib if _needs_calib(s) else None,
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads,
-                        common=dict(common), tasks=tasks))
+                        common=dict(common), tasks=tasks, sweep_windows=sweep))
     if kind in ("embedded", "gguf"):
         notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
                      "full-precision checkpoint)")
@@ -286,6 +295,15 @@ def measure_format(job: Job, progress: Callable | None = None) -> dict:
         rec.update({"kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0, "kld_median": 0.0,
                     "top1_agreement": 1.0, "window_kld": [0.0] * len(job.windows)})
         notes.append("reference row: KL divergence is measured against this model")
+    if job.sweep_windows:
+        rec["ctx_sweep"] = {}
+        for L, wins in job.sweep_windows.items():
+            sc = score_windows(qmodel, wins, reference=reference, score_from=L // 2 if job.score_from > 1 else 1)
+            summ = sc.summary()
+            rec["ctx_sweep"][str(L)] = {k: summ.get(k) for k in (
+                "tokens_scored", "perplexity", "perplexity_stderr", "kld_mean", "kld_stderr", "top1_agreement")}
+            if job.is_baseline:
+                rec["ctx_sweep"][str(L)].update({"kld_mean": 0.0, "kld_stderr": 0.0, "top1_agreement": 1.0})
     task_items = {}
     if job.tasks:
         from .evaluate.tasks import score_task
@@ -315,16 +333,9 @@ def measure_format(job: Job, progress: Callable | None = None) -> dict:
         rec["backend"] = "quantscope"
         rec["spec"] = spec.to_dict()
     if task_items:
-        rec["task_items"] = {k: _task_items_dict(v) for k, v in task_items.items()}
+        rec["task_items"] = {k: v.to_dict() for k, v in task_items.items()}
     rec["notes"] = notes
     return rec
-
-
-def _task_items_dict(scores) -> dict:
-    d = {}
-    for k, v in vars(scores).items():
-        d[k] = v.tolist() if hasattr(v, "tolist") else v
-    return d
 
 
 def _worker_main(job: Job, conn) -> None:
@@ -386,10 +397,7 @@ def add_paired_statistics(records: list[dict]) -> None:
             r["perplexity_delta"], r["perplexity_delta_ci"] = d, [lo, hi]
             r["perplexity_delta_significant"] = stats.significant(lo, hi)
         if "task_items" in r:
-            from .evaluate.tasks import summarize_items
-
-            r["tasks"] = {name: summarize_items(items, base.get("task_items", {}).get(name), r is base)
-                          for name, items in r["task_items"].items()}
+            r["tasks"] = _task_summaries(r, base)
 
 
 def eval_spec(job: Job) -> dict:
@@ -403,6 +411,7 @@ def eval_spec(job: Job) -> dict:
         "include": list(job.include), "exclude": list(job.exclude), "calib_sha256": calib,
         "dtype": job.dtype, "speed": asdict(job.speed) if job.measure_speed else None,
         "tasks": [[t.name, t.source, len(t.items), getattr(t, "shots", 0)] for t in job.tasks],
+        "ctx_sweep": sorted(job.sweep_windows),
     }
 
 
@@ -422,6 +431,24 @@ def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str
                      sort_keys=True, default=str)
     short = lambda s: re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(str(s).rstrip("/")))[:24].strip("-") or "x"
     return os.path.join(root, f"{short(config.model)}-{short(config.text)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+
+
+def _task_summaries(r: dict, base: dict) -> dict:
+    """{task: {n, acc, acc_ci, acc_norm, acc_norm_ci, delta, delta_ci, mcnemar_p, significant}}, paired
+    with the baseline's answers to the same questions."""
+    from .evaluate.tasks import CATEGORIES, TaskScores, cloze_perplexity, summarize
+
+    out = {}
+    for name, items in r["task_items"].items():
+        s = TaskScores.from_dict(items)
+        b_items = base.get("task_items", {}).get(name) if r is not base else None
+        b = TaskScores.from_dict(b_items) if b_items else None
+        summary = summarize(s, b)
+        if s.target_nll is not None:  # cloze tasks (LAMBADA): the target word's perplexity too
+            summary.update(cloze_perplexity(s, b))
+        summary["category"] = CATEGORIES.get(name, "user")
+        out[name] = summary
+    return out
 
 
 def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,

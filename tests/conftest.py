@@ -48,3 +48,29 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     if "QUANTSCOPE_CACHE" not in os.environ:
         monkeypatch.setenv("QUANTSCOPE_CACHE", str(Path.home() / ".cache" / "quantscope"))
     torch.set_num_threads(1)
+
+
+def byte_tokenizer():
+    """A byte-level BPE-free tokenizer (256 byte tokens + EOS): no download, any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama (hidden 64, tied embeddings) saved with its tokenizer, plus a text file."""
+    m = tiny_llama(vocab=257)
+    d = tmp_path / "tiny-llama"
+    m.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    text = tmp_path / "text.txt"
+    from quantscope.evaluate.text import python_docs_text
+
+    text.write_text(python_docs_text()[:20000])
+    return d, text

@@ -58,7 +58,7 @@ def _4bit_linear(lin: nn.Linear, quant_type: str, double_quant: bool) -> nn.Modu
     # Let bitsandbytes apply its CPU inference layout now (see module docstring).
     new.train(False)
     with torch.no_grad():
-        pass  # new(torch.zeros(1, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device))
+        new(torch.zeros(1, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device))
     return new
 
 

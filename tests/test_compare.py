@@ -1,0 +1,115 @@
+"""The comparison harness end to end on a tiny saved model, and its measurements checked directly."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from quantscope.compare import CompareConfig, compare
+from quantscope.evaluate.perplexity import score_windows
+from quantscope.formats import parse_format
+from quantscope.measure.memory import weight_bytes
+from quantscope.model.qmodules import QuantLinear, TiedQuantHead
+from quantscope.model.swap import quantize_model, select_modules
+
+from conftest import tiny_llama
+
+
+def test_perplexity_is_exp_mean_nll_and_self_kld_zero():
+    m = tiny_llama()
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    res = score_windows(m, windows, reference=m)
+    s = res.summary()
+    with torch.no_grad():
+        nll = []
+        for w in windows:
+            logits = m(input_ids=w[None]).logits[0]
+            nll.append(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="none"))
+        direct = torch.cat(nll)
+    assert s["tokens_scored"] == 3 * 31
+    assert s["perplexity"] == pytest.approx(math.exp(direct.mean().item()), rel=1e-5)
+    assert s["kld_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert s["top1_agreement"] == 1.0
+    half = score_windows(m, windows, score_from=16).summary()
+    assert half["tokens_scored"] == 3 * 16
+
+
+def test_lossy_format_has_positive_kld():
+    m = tiny_llama()
+    q = quantize_model(tiny_llama(), parse_format("int3-g32"))
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    s = score_windows(q, windows, reference=m).summary()
+    assert s["kld_mean"] > 1e-4
+    assert 0 <= s["top1_agreement"] <= 1
+
+
+def test_quantized_model_is_small_and_selection_default():
+    m = tiny_llama()
+    names = select_modules(m)
+    assert names and all(".layers." in n for n in names)  # decoder linears only by default
+    base = weight_bytes(m)
+    q = quantize_model(m, parse_format("int4-g128"))
+    assert all(isinstance(q.get_submodule(n), QuantLinear) for n in names)
+    assert weight_bytes(q) < base
+
+
+def test_tied_embedding_quantized_once():
+    m = tiny_llama(tied=True)
+    ref = tiny_llama(tied=True)
+    q = quantize_model(m, parse_format("int8"), include=["embed_tokens"])
+    assert isinstance(q.lm_head, TiedQuantHead)
+    assert q.lm_head.embedding is q.model.embed_tokens
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, q(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    emb_params = ref.model.embed_tokens.weight.numel()
+    # the table is stored once: int8 codes + one fp16 scale per row, not twice
+    emb = q.model.embed_tokens
+    assert sum(t.numel() * t.element_size() for t in emb.storage().values()) == \
+        parse_format("int8").storage_bytes(*ref.model.embed_tokens.weight.shape)
+    assert weight_bytes(q) < weight_bytes(ref) - emb_params * 3
+
+
+def test_compare_end_to_end_and_resume(tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    cfg = CompareConfig(model=str(d), text=str(text), formats=("int8", "int4-g128", "nf4"), ctx=32,
+                        windows=3, isolate=False)
+    run = tmp_path / "run"
+    records, meta = compare(cfg, run_dir=run)
+    by = {r["format"]: r for r in records}
+    assert list(by) == ["fp32", "int8", "int4-g128", "nf4"]
+    assert by["fp32"]["baseline"] and by["fp32"]["kld_mean"] == 0.0
+    for f in ("int8", "int4-g128", "nf4"):
+        r = by[f]
+        assert r["tokens_scored"] == 3 * 31
+        assert r["kld_mean"] > 0 and r["weight_bytes"] < by["fp32"]["weight_bytes"]
+        assert len(r["perplexity_delta_ci"]) == 2 and r["perplexity_delta_ci"][0] <= r["perplexity_delta_ci"][1]
+        for k in ("perplexity", "perplexity_stderr", "kld_stderr", "kld_p99", "top1_agreement",
+                  "peak_rss_bytes", "prefill_tokens_per_s", "decode_tokens_per_s", "quantize_seconds",
+                  "quantscope_version", "torch_version", "transformers_version"):
+            assert r[k] is not None, k
+    # bits per weight of int4-g128 follow from its definition on this model's layer shapes
+    m = tiny_llama(vocab=257)
+    spec = parse_format("int4-g128")
+    mods = dict(m.named_modules())
+    sel = select_modules(m)
+    expect = 8 * sum(spec.storage_bytes(*mods[n].weight.shape) for n in sel) / sum(mods[n].weight.numel() for n in sel)
+    assert by["int4-g128"]["bits_per_weight"] == pytest.approx(expect, rel=1e-12)
+    assert by["int8"]["kld_mean"] < by["int4-g128"]["kld_mean"]
+    # the same comparison again reuses every stored record and measures nothing
+    again, _ = compare(cfg, run_dir=run)
+    assert all(r.get("reused") for r in again)
+    assert [r["perplexity"] for r in again] == [r["perplexity"] for r in records]
+
+
+def test_compare_ctx_sweep(tiny_model_dir):
+    d, text = tiny_model_dir
+    cfg = CompareConfig(model=str(d), text=str(text), formats=("int4-g128",), ctx=32, windows=2,
+                        isolate=False, measure_speed=False, ctx_sweep=(16, 64))
+    records, _ = compare(cfg)
+    for r in records:
+        assert set(r["ctx_sweep"]) == {"16", "64"}
+        assert r["ctx_sweep"]["16"]["tokens_scored"] == 4 * 15
+    assert records[1]["ctx_sweep"]["64"]["kld_mean"] > 0
