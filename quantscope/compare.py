@@ -20,6 +20,7 @@ import platform
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -139,13 +140,14 @@ def prepare(config: CompareConfig) -> Prepared:
         hint = " (offline, or no such model?)" if kind == "hub" else ""
         raise QuantscopeError(f"could not load model '{config.model}'{hint}: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    if kind == "local":
+        _check_safetensors(Path(path))
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos and config.ctx > max_pos:
         raise QuantscopeError(f"--ctx {config.ctx} is longer than the model's maximum ({max_pos} tokens)")
     text = load_text(config.text)
     ids = tokenize(tok, text.text)
-    calibrated = any(isinstance(s, FormatSpec) and s.calibrated or
-                     isinstance(s, BackendFormat) and s.needs_calibration for s in specs)
+    calibrated = any(_needs_calib(s) for s in specs)
     calib = None
     start = 0
     if calibrated:
@@ -216,8 +218,28 @@ def prepare(config: CompareConfig) -> Prepared:
     return Prepared(config, ordered, jobs, notes, meta)
 
 
+def _check_safetensors(folder: Path) -> None:
+    """Read every safetensors header (cheap) so a corrupt or truncated weight file fails before any work."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+                if keys:
+                    h.get_slice(keys[-1])
+        except Exception as e:
+            raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}") from None
+
+
 def _needs_calib(s) -> bool:
-    return (isinstance(s, FormatSpec) and s.calibrated) or (isinstance(s, BackendFormat) and s.needs_calibration)
+    if isinstance(s, FormatSpec):
+        return s.calibrated
+    return bool(getattr(s, "needs_calibration", False))  # BackendFormat, MixedSpec (mixed-auto)
 
 
 def _machine() -> dict:
@@ -233,10 +255,24 @@ def _config_dict(config: CompareConfig) -> dict:
 
 # ---------------------------------------------------------------- the worker
 
-def _quantize(model, spec, job: Job, notes: list[str]):
-    """Make `spec` from the baseline `model` (in place); returns (model, tensors-for-bytes or None)."""
+def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = None):
+    """Make `spec` from the baseline `model` (in place); returns (model, tensors-for-bytes or None).
+    Fields a method adds to the record (mixed precision's plan and predicted KLD) go into `record`."""
+    from .methods.mixed import MixedSpec
     from .model.swap import apply_plan, uniform_plan
 
+    if isinstance(spec, MixedSpec):
+        from .methods.mixed import quantize_mixed, sensitivity_windows
+        from .model.load import cache_root
+        from .sensitivity import SensitivityCache
+
+        windows = sensitivity_windows(job.calib) if spec.needs_calibration else None
+        cache = SensitivityCache(cache_root() / "sensitivity", f"{job.common['model_fingerprint']}|{job.dtype}")
+        result = quantize_mixed(model, spec, windows, job.include, job.exclude, cache=cache)
+        notes.extend(result.notes)
+        if record is not None:
+            record.update(result.record_fields())
+        return model, None
     if isinstance(spec, BackendFormat):
         from .backends import load_backend
         from .model.swap import select_modules
@@ -284,7 +320,7 @@ def measure_format(job: Job, progress: Callable | None = None) -> dict:
     else:
         qmodel = copy.deepcopy(base)
         t0 = time.perf_counter()
-        qmodel, storage = _quantize(qmodel, spec, job, notes)
+        qmodel, storage = _quantize(qmodel, spec, job, notes, rec)
         qsec = time.perf_counter() - t0
         reference = base
     qmodel.eval()
@@ -380,16 +416,25 @@ def _error_record(job: Job, message: str) -> dict:
 
 
 def add_paired_statistics(records: list[dict]) -> None:
-    """Paired deltas against the baseline row (same windows, same questions), in place."""
+    """Paired deltas against the baseline row (same windows, same questions), in place.
+
+    A run directory can hold baselines scored on different windows: formats that calibrate on the
+    head of the text (GPTQ/AWQ, mixed-auto) shift the evaluation windows past it, and `recommend`
+    measures such formats in their own comparison. Each record is paired with the baseline scored on
+    its windows (same `window_start_token`)."""
     from .evaluate import stats
 
-    base = next((r for r in records if r.get("baseline") and "error" not in r), None)
-    if base is None:
+    baselines = [r for r in records if r.get("baseline") and "error" not in r]
+    if not baselines:
         return
+    by_start = {}
+    for b in baselines:
+        by_start.setdefault(b.get("window_start_token"), b)
     for r in records:
         if "error" in r or "window_nll" not in r:
             continue
-        if r is base:
+        base = by_start.get(r.get("window_start_token"), baselines[0])
+        if r is base or r.get("baseline"):
             r["perplexity_delta"], r["perplexity_delta_ci"] = 0.0, [0.0, 0.0]
         else:
             d, lo, hi = stats.paired_ratio_bootstrap_ci(base["window_nll"], base["window_tokens"],
@@ -459,21 +504,27 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     (model fingerprint, format, evaluation spec, version): re-running the same comparison reuses what is
     done and measures only the rest. Failed formats are not stored, so they are retried."""
     prep = prepare(config)
-    store = None
-    if run_dir is not None:
-        from .store import RunStore
+    from pathlib import Path
 
-        store = RunStore.open(run_dir, meta=prep.meta)
+    from .store import RunStore
+
+    # an existing run directory is opened up front (to reuse its records); a new one only once the
+    # baseline has been measured, so a run that fails on bad input leaves nothing behind
+    store = RunStore.open(run_dir, meta=prep.meta) if run_dir is not None and Path(run_dir).exists() else None
     records = []
     try:
         for job in prep.jobs:
-            key = job_key(job) if store else None
+            key = job_key(job) if run_dir is not None else None
             rec = store.get(key) if store else None
             if rec is not None:
                 rec = dict(rec, reused=True)
             else:
                 rec = run_job(job, isolate=config.isolate)
-                if store and not rec.get("error"):
+                if rec.get("error") and job.is_baseline:
+                    raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")
+                if run_dir is not None and not rec.get("error"):
+                    if store is None:
+                        store = RunStore.open(run_dir, meta=prep.meta)
                     store.put(key, rec)
             if on_record:
                 on_record(rec)

@@ -1,0 +1,261 @@
+"""Mixed precision: a different format per layer, named like any other format so it flows through compare.
+
+Two kinds, parsed by :func:`parse_mixed` into a :class:`MixedSpec`:
+
+``mixed-edges:<base>/<wide>`` (e.g. ``mixed-edges:int4-g128/int8``)
+    The folklore rule: the selected linears of the first and the last decoder block in ``<wide>``,
+    every other selected module in ``<base>``.
+
+``mixed-auto:<bpw>:<f1>/<f2>/...`` (e.g. ``mixed-auto:4.5:int3-g128/int4-g128/int8``)
+    Measured allocation. The KL divergence each selected layer causes alone in each ladder format is
+    measured on calibration windows (:mod:`quantscope.sensitivity`); the allocator
+    (:func:`quantscope.methods.allocate.allocate`) picks one format per layer minimising the sum of
+    those KLDs (the *predicted* KLD) with the layers' stored bytes at most ``bpw`` bits per weight
+    over the selected layers. The result is then measured like any format, so the record shows the
+    predicted KLD next to the measured one.
+
+The layers are the module selection of every format (decoder linears; ``--include embed_tokens``
+adds the embedding, and a tied ``lm_head`` with it, as one item counted and quantized once), so a
+mixed format's bits per weight compare directly with a uniform format's in the same run.
+Every ladder format is a round-to-nearest quantscope format; the plan is applied with
+:func:`quantscope.model.swap.apply_plan`, so storage and bytes are those of the uniform formats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import QuantscopeError
+from ..formats.spec import FormatSpec, UnknownFormatError, parse_format
+from .allocate import Allocation, LayerCost, allocate
+
+PREFIX = "mixed-"
+KINDS = ("edges", "auto")
+# Calibration used by mixed-auto's sensitivity scan: the first 2 windows of 256 tokens of the
+# calibration tokens. A scan costs (layers x ladder formats + 1) forward passes per window, so it is
+# kept small; the allocator needs the layers' relative sensitivities, not precise absolute values.
+SENSITIVITY_WINDOWS = 2
+SENSITIVITY_CTX = 256
+_REFERENCE_SHAPE = (1536, 576)  # orders a ladder by size (the shape `quantscope formats` uses)
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    """A parsed mixed-precision format. `name` is canonical: parse_mixed(spec.name) == spec."""
+
+    name: str
+    kind: str  # "edges" | "auto"
+    base: str | None = None  # edges: format of the inner layers
+    wide: str | None = None  # edges: format of the first and last decoder blocks
+    target_bpw: float | None = None  # auto: bits per weight over the selected layers
+    ladder: tuple[str, ...] = ()  # auto: candidate formats, smallest first
+
+    @property
+    def needs_calibration(self) -> bool:
+        """mixed-auto measures sensitivities on calibration tokens, which compare keeps apart from
+        the evaluation windows."""
+        return self.kind == "auto"
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return (self.base, self.wide) if self.kind == "edges" else self.ladder
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "family": "mixed", "kind": self.kind, "base": self.base, "wide": self.wide,
+                "target_bpw": self.target_bpw, "ladder": list(self.ladder), "version": 1}
+
+
+def _rtn_format(name: str, whole: str) -> FormatSpec:
+    try:
+        spec = parse_format(name)
+    except UnknownFormatError as e:
+        raise UnknownFormatError(f"in '{whole}': {e}") from None
+    if spec.calibrated:
+        raise UnknownFormatError(f"in '{whole}': '{spec.name}' is calibrated; mixed formats take "
+                                 "round-to-nearest formats (e.g. int4-g128, nf4, int8)")
+    return spec
+
+
+def _bpw_text(x: float) -> str:
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
+
+
+def parse_mixed(name: str) -> MixedSpec:
+    """Parse ``mixed-edges:<base>/<wide>`` or ``mixed-auto:<bpw>:<f1>/<f2>/...``."""
+    raw, key = name, name.strip().lower()
+    kind, _, rest = key[len(PREFIX):].partition(":")
+    usage = "use mixed-edges:<base>/<wide> or mixed-auto:<bits per weight>:<fmt>/<fmt>/..."
+    if not key.startswith(PREFIX) or kind not in KINDS or not rest:
+        raise UnknownFormatError(f"unknown mixed format '{raw}': {usage}")
+    if kind == "edges":
+        parts = rest.split("/")
+        if len(parts) != 2:
+            raise UnknownFormatError(f"'{raw}': mixed-edges takes two formats, <base>/<wide>")
+        base, wide = (_rtn_format(p, raw) for p in parts)
+        return MixedSpec(f"mixed-edges:{base.name}/{wide.name}", "edges", base=base.name, wide=wide.name)
+    bpw_text, _, ladder_text = rest.partition(":")
+    try:
+        bpw = float(bpw_text)
+    except ValueError:
+        bpw = float("nan")
+    if not (math.isfinite(bpw) and bpw > 0):
+        raise UnknownFormatError(f"'{raw}': the target bits per weight must be a positive number, not '{bpw_text}'")
+    specs = {s.name: s for s in (_rtn_format(p, raw) for p in ladder_text.split("/") if p)}
+    if len(specs) < 2:
+        raise UnknownFormatError(f"'{raw}': mixed-auto needs a ladder of at least two formats, e.g. int4-g128/int8")
+    ladder = tuple(sorted(specs, key=lambda n: (specs[n].storage_bytes(*_REFERENCE_SHAPE), n)))
+    return MixedSpec(f"mixed-auto:{_bpw_text(bpw)}:{'/'.join(ladder)}", "auto", target_bpw=bpw, ladder=ladder)
+
+
+# ---------------------------------------------------------------- plans
+
+def decoder_blocks(model: nn.Module) -> list[int]:
+    """Sorted decoder block numbers of the model (from module names ``...layers.<i>....``)."""
+    from ..sensitivity import block_index
+
+    return sorted({b for n, _ in model.named_modules() if (b := block_index(n)) is not None})
+
+
+def edges_plan(model: nn.Module, spec: MixedSpec, include: Iterable[str] = (),
+               exclude: Iterable[str] = ()) -> dict[str, FormatSpec]:
+    """{module: format}: the selected modules of the model's first and last decoder block in the wide
+    format, every other selected module in the base format."""
+    from ..model.swap import select_modules
+    from ..sensitivity import block_index
+
+    if spec.kind != "edges":
+        raise QuantscopeError(f"'{spec.name}' is not a mixed-edges format")
+    blocks = decoder_blocks(model)
+    edges = {blocks[0], blocks[-1]} if blocks else set()
+    base, wide = parse_format(spec.base), parse_format(spec.wide)
+    return {n: wide if block_index(n) in edges else base for n in select_modules(model, include, exclude)}
+
+
+def sensitivity_windows(calib: torch.Tensor, n: int = SENSITIVITY_WINDOWS, ctx: int = SENSITIVITY_CTX) -> torch.Tensor:
+    """The first `n` windows of `ctx` tokens of calibration token rows ([rows, seqlen], consecutive text)."""
+    flat = calib.reshape(-1)
+    ctx = min(ctx, calib.shape[-1])
+    n = min(n, len(flat) // ctx)
+    if n < 1 or ctx < 2:
+        raise QuantscopeError(f"too few calibration tokens ({len(flat)}) for a sensitivity scan")
+    return flat[: n * ctx].view(n, ctx).clone()
+
+
+@dataclass
+class MixedResult:
+    plan: dict[str, str]  # module name -> format name (tied heads included)
+    predicted_kld: float | None  # auto: sum of the chosen options' per-layer KLDs
+    allocation: dict | None = None  # auto: Allocation.to_dict() without the choices
+    notes: list[str] = field(default_factory=list)
+
+    def record_fields(self) -> dict:
+        """Fields a comparison record carries for a mixed format."""
+        out = {"mixed_plan": dict(self.plan), "predicted_kld": self.predicted_kld}
+        if self.allocation is not None:
+            out["mixed_allocation"] = self.allocation
+        return out
+
+
+def auto_plan(model: nn.Module, spec: MixedSpec, windows: torch.Tensor, include: Iterable[str] = (),
+              exclude: Iterable[str] = (), cache=None, progress: Callable[[int, int], None] | None = None
+              ) -> tuple[dict[str, FormatSpec], Allocation]:
+    """Measure every selected layer's sensitivity in every ladder format on `windows`, then allocate."""
+    from ..sensitivity import measure_sensitivity, sensitivity_units
+
+    if spec.kind != "auto":
+        raise QuantscopeError(f"'{spec.name}' is not a mixed-auto format")
+    ladder = [parse_format(f) for f in spec.ladder]
+    units = sensitivity_units(model, "layer", include, exclude)
+    table = measure_sensitivity(model, windows, ladder, units, cache=cache, progress=progress)
+    layers = []
+    for i, u in enumerate(units):
+        rows = {f.name: table[f.name][i] for f in ladder}
+        first = rows[ladder[0].name]
+        layers.append(LayerCost(name=u.modules[0], params=first["params"], tied=tuple(u.modules[1:]),
+                                options={f: (r["bytes"], r["kld"]) for f, r in rows.items()}))
+    alloc = allocate(layers, [f.name for f in ladder], target_bpw=spec.target_bpw)
+    return {n: parse_format(f) for n, f in alloc.choices.items()}, alloc
+
+
+def quantize_mixed(model: nn.Module, spec: MixedSpec, calib_windows: torch.Tensor | None = None,
+                   include: Iterable[str] = (), exclude: Iterable[str] = (), cache=None,
+                   progress: Callable[[int, int], None] | None = None) -> MixedResult:
+    """Quantize `model` in place into a mixed format; mixed-auto needs `calib_windows` ([n, ctx] ids)."""
+    from ..model.swap import apply_plan
+
+    if spec.kind == "edges":
+        plan = edges_plan(model, spec, include, exclude)
+        with torch.no_grad():
+            apply_plan(model, plan)
+        return MixedResult({n: f.name for n, f in plan.items()}, None,
+                           notes=[f"mixed-edges: first and last decoder blocks in {spec.wide}, the rest in {spec.base}"])
+    if calib_windows is None:
+        raise QuantscopeError(f"'{spec.name}' measures layer sensitivities: it needs calibration tokens")
+    plan, alloc = auto_plan(model, spec, calib_windows, include, exclude, cache=cache, progress=progress)
+    with torch.no_grad():
+        apply_plan(model, plan)
+    info = alloc.to_dict()
+    del info["choices"]
+    n, ctx = calib_windows.shape
+    notes = [f"mixed-auto: per-layer KLD of each of {', '.join(spec.ladder)} measured on {n} calibration "
+             f"windows of {ctx} tokens (disjoint from the evaluation windows); allocation "
+             f"{alloc.total_bytes:,} of {alloc.budget_bytes:,} bytes ({alloc.bits_per_weight:.3f} bits/weight), "
+             f"{', '.join(f'{k} x{v}' for k, v in alloc.counts.items())}; predicted KLD = sum of the chosen "
+             "layers' KLDs"]
+    return MixedResult({n: f.name for n, f in plan.items()}, alloc.predicted_kld, info, notes)
+
+
+# ---------------------------------------------------------------- sizes without loading
+
+def mixed_weight_bytes(config: dict, spec: MixedSpec, baseline_dtype: str | None = None) -> int:
+    """Stored weight bytes of a model (its config.json) in a mixed format, decoder linears selected.
+
+    Exact for mixed-edges. For mixed-auto it is the budget's upper bound (the allocation's bytes are
+    at most ``floor(bpw x params / 8)``), since the plan depends on measured sensitivities."""
+    from ..plan import planner
+    from ..sensitivity import block_index
+
+    g = planner.geometry(config)
+    base = planner.weight_breakdown(g, "fp32", baseline_dtype=baseline_dtype)
+    other = base.other_bytes
+    if spec.kind == "auto":
+        return other + math.floor(spec.target_bpw * base.quantized_params / 8)
+    edges = {0, g.layers - 1}
+    b, w = parse_format(spec.base), parse_format(spec.wide)
+    total = other
+    for t in planner.model_tensors(g):
+        if t.role == "linear":
+            total += (w if block_index(t.name) in edges else b).storage_bytes(*t.shape)
+    return total
+
+
+def plan_bytes(model: nn.Module, plan: dict[str, FormatSpec]) -> int:
+    """Stored bytes of the planned modules (a tied head counted once with its embedding)."""
+    seen, total = set(), 0
+    for name, fmt in plan.items():
+        w = model.get_submodule(name).weight
+        if w.data_ptr() not in seen:
+            seen.add(w.data_ptr())
+            total += fmt.storage_bytes(*w.shape)
+    return total
+
+
+def bpw_of_plan(model: nn.Module, plan: dict[str, FormatSpec]) -> float:
+    """Bits per weight of a plan over its modules (tied weights once)."""
+    seen, params = set(), 0
+    for name in plan:
+        w = model.get_submodule(name).weight
+        if w.data_ptr() not in seen:
+            seen.add(w.data_ptr())
+            params += w.numel()
+    return 8 * plan_bytes(model, plan) / params
+
+
+__all__: Sequence[str] = ("MixedSpec", "MixedResult", "parse_mixed", "edges_plan", "auto_plan", "quantize_mixed",
+                          "sensitivity_windows", "mixed_weight_bytes", "plan_bytes", "bpw_of_plan", "decoder_blocks")

@@ -1,0 +1,125 @@
+"""The command line: bad inputs give one line on stderr, exit code 2, no traceback, no output file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantscope.cli import main
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained progress)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+def test_unknown_format(capsys, tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    out = tmp_path / "o.json"
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--formats", "in4-g128",
+                           "--json", str(out), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "did you mean 'int4-g128'")
+    assert not out.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/nonexistent/model-dir"], "model not found"),
+    (["--windows", "0"], "--windows must be at least 1"),
+    (["--ctx", "100000"], "longer than the model's maximum"),
+])
+def test_bad_arguments(capsys, tiny_model_dir, tmp_path, args, needle):
+    d, text = tiny_model_dir
+    base = {"--model": str(d), "--text": str(text)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["compare", "--formats", "int8", "--json", str(tmp_path / "o.json"), "--out", str(tmp_path / "run")]
+    for k, v in base.items():
+        argv += [k, v]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "run").exists()
+
+
+def test_empty_and_binary_text(capsys, tiny_model_dir, tmp_path):
+    d, _ = tiny_model_dir
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(empty), "--ctx", "32", "--no-store")
+    assert_one_line_error(code, err, "the text is empty")
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(binary), "--ctx", "32", "--no-store")
+    assert_one_line_error(code, err, "not a UTF-8 text file")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(bad), "--ctx", "32", "--no-store")
+    assert_one_line_error(code, err, "bad.jsonl:2")
+
+
+def test_corrupt_safetensors(capsys, tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--no-store")
+    assert_one_line_error(code, err, "corrupt weight file")
+    w.write_bytes(b"garbage" * 100)
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--no-store")
+    assert_one_line_error(code, err, "corrupt weight file")
+
+
+def test_nan_weights(capsys, tmp_path):
+    from conftest import byte_tokenizer, tiny_llama
+
+    m = tiny_llama(vocab=257)
+    m.model.layers[0].mlp.up_proj.weight.data[0, 0] = float("nan")
+    d = tmp_path / "nan-model"
+    m.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 400)
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--ctx", "32",
+                           "--windows", "2", "--formats", "int8", "--no-isolate", "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "NaN")
+    assert not (tmp_path / "run").exists()
+
+
+def test_formats_lists_every_family(capsys):
+    code, out, _ = run_cli(capsys, "formats")
+    assert code == 0
+    for name in ("int4-g128", "nf4", "fp8-e4m3", "ternary", "gptq-int4-g128", "bnb-nf4", "hqq-int4-g64"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_compare_cli_isolated_end_to_end(tiny_model_dir, tmp_path):
+    """The real CLI in a subprocess, a worker process per format, JSON with every field."""
+    d, text = tiny_model_dir
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "quantscope.cli", "compare", "--model", str(d), "--text", str(text),
+                        "--ctx", "32", "--windows", "2", "--formats", "int8,int3-g32", "--json", str(out),
+                        "--out", str(tmp_path / "run"), "--new-tokens", "3", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = json.loads(out.read_text())
+    assert [r["format"] for r in recs] == ["fp32", "int8", "int3-g32"]
+    from quantscope.results import RECORD_FIELDS
+
+    for r in recs:
+        for f in RECORD_FIELDS:
+            assert f in r, f
+        assert r["peak_rss_bytes"] > 0
+    assert "int3-g32" in p.stdout and "Δppl" in p.stdout
+    p2 = subprocess.run([sys.executable, "-m", "quantscope.cli", "show", str(tmp_path / "run")],
+                        capture_output=True, text=True, timeout=300)
+    assert p2.returncode == 0 and "int3-g32" in p2.stdout
