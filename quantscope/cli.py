@@ -261,6 +261,237 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _progress(label: str, quiet: bool):
+    """A (done, total) callback printing one updating line on stderr, or None when quiet / not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        sys.stderr.write(f"\r{label}: {done}/{total}" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+
+    return show
+
+
+def sensitivity_table(rows: list[dict], top: int | None = None) -> str:
+    from .compare import fmt_bytes
+
+    shown = rows[:top] if top else rows
+    total = sum(r["kld"] for r in rows) or float("nan")
+    head = ["rank", "layer", "params", "bytes", "KLD mean", "± s.e.", "share"]
+    body = [[str(i), r["name"] + (f" (+{', '.join(r['modules'][1:])})" if len(r["modules"]) > 1 and r["name"] == r["modules"][0] else ""),
+             f"{r['params']:,}", fmt_bytes(r["bytes"]), f"{r['kld']:.4g}", f"{r['kld_stderr']:.2g}",
+             f"{100 * r['kld'] / total:.1f}%"] for i, r in enumerate(shown, 1)]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in body])
+
+
+def _cmd_sensitivity(args) -> int:
+    import torch
+
+    from .results import write_json_atomic
+    from .sensitivity import SensitivityConfig, run_sensitivity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SensitivityConfig(model=args.model, format=args.format, unit=args.unit, text=args.text,
+                            windows=args.windows, ctx=args.ctx, include=tuple(args.include),
+                            exclude=tuple(args.exclude), include_embeddings=args.include_embeddings,
+                            trust_remote_code=args.trust_remote_code, use_cache=not args.no_cache)
+    rows, meta = run_sensitivity(cfg, _progress("sensitivity", args.quiet))
+    print(f"model: {meta['model']}\nformat: {meta['format']}, one {meta['unit']} at a time (round-to-nearest); "
+          f"text: {meta['text']}, {meta['windows']} x {meta['ctx']} tokens from its start")
+    print(sensitivity_table(rows, args.top))
+    if args.top and len(rows) > args.top:
+        print(f"({args.top} of {len(rows)} shown; --top 0 shows all)")
+    print("KLD: mean per-token KL divergence from the unquantized model with only that unit quantized; "
+          "share: of the sum over units (the additive prediction of quantizing them all).")
+    if args.json:
+        write_json_atomic(args.json, {"meta": meta, "rows": rows})
+        print(f"wrote {args.json}")
+    if args.out:
+        from .store import RunStore
+
+        with RunStore.open(args.out) as store:
+            store.update_meta({"sensitivity": [{"layer": r["name"], **r} for r in rows], "sensitivity_meta": meta})
+        print(f"stored in run directory {args.out} (shown by 'quantscope report')")
+    return 0
+
+
+def _recommend_target(args, baseline: str):
+    """(Target, Ladder) from the command line: the recipe's ladder, or a scenario's, with overrides."""
+    from dataclasses import replace
+
+    from .plan.devices import parse_memory
+    from .recommend import DEFAULT_LADDER, Target, recipe_ladder, scenario_target
+    from .registry import resolve_format
+
+    memory = parse_memory(args.memory) if args.memory else None
+    quality = {k: v for k, v in (("max_ppl_increase_pct", args.max_ppl_increase), ("max_kld", args.max_kld),
+                                 ("max_acc_drop_pct", args.max_acc_drop)) if v is not None}
+    if args.max_acc_drop is not None and not args.task:
+        raise QuantscopeError("--max-acc-drop needs --task NAME=PATH (the task whose accuracy may drop)")
+    task = args.task[0][0] if len(args.task) == 1 else None
+    mixed = tuple(resolve_format(f"mixed-auto:{b:g}:{args.mixed_ladder}").name for b in sorted(args.mixed_bpw))
+    ladder = recipe_ladder(calibrated=args.calib is not None, mixed=mixed, fallback=(baseline, "bf16"))
+    if not args.scenario:
+        return Target(**quality, task=task, memory_bytes=memory, prefer=args.prefer or "smallest"), ladder
+    overrides = dict(quality, **({"prefer": args.prefer} if args.prefer else {}))
+    target, scenario_ladder = scenario_target(args.scenario, memory_bytes=memory, task=task, **overrides)
+    if scenario_ladder is not DEFAULT_LADDER:  # e.g. research: int8 only, otherwise full precision
+        ladder = replace(scenario_ladder, fallback=ladder.fallback)
+    return target, ladder
+
+
+def _model_sizes(model: str, dtype: str):
+    """size_of(format) -> weight bytes from the model's config.json (planner), or None if not plannable."""
+    from .methods.mixed import MixedSpec, mixed_weight_bytes
+    from .model.load import resolve
+    from .plan import planner
+    from .registry import resolve_format
+
+    try:
+        config = planner.load_config(resolve(model)[1])
+        planner.geometry(config)
+    except QuantscopeError as e:
+        print(f"note: weight sizes will be measured, not planned ({e})", file=sys.stderr)
+        return None
+    base = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+
+    def size_of(fmt: str) -> int:
+        spec = resolve_format(fmt)
+        if isinstance(spec, MixedSpec):
+            return mixed_weight_bytes(config, spec, baseline_dtype=base)
+        return planner.weight_bytes_for_model_config(config, spec.name, baseline_dtype=base)
+
+    return size_of
+
+
+def _trail_lines(decision) -> list[str]:
+    from .compare import fmt_bytes
+
+    lines = []
+    for i, t in enumerate(decision.trail, 1):
+        n = t.numbers
+        got = []
+        if "weight_bytes" in n:
+            got.append(f"weights {fmt_bytes(n['weight_bytes'])}")
+        if "perplexity" in n:
+            ci = n.get("perplexity_delta_ci")
+            got.append(f"ppl {n['perplexity']:.3f}" + (f" (Δ [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else ""))
+        if "kld_mean" in n:
+            got.append(f"KLD {n['kld_mean']:.4g}±{n.get('kld_stderr', float('nan')):.2g}")
+        if n.get("decode_tokens_per_s"):
+            got.append(f"decode {n['decode_tokens_per_s']:.1f} t/s")
+        lines.append(f"  {i}. {t.verdict.upper():<7} {t.format} ({t.step})" + (f": {', '.join(got)}" if got else ""))
+        lines.append(f"     {t.why}")
+    return lines
+
+
+def _cmd_recommend(args) -> int:
+    from dataclasses import replace
+
+    from .compare import CompareConfig, _baseline_name, compare, default_run_dir
+    from .recommend import recommend
+    from .results import write_json_atomic
+    from .store import RunStore
+
+    baseline = _baseline_name("float32")
+    target, ladder = _recommend_target(args, baseline)
+    cfg = CompareConfig(model=args.model, formats=(baseline,), text=args.text, ctx=args.ctx, windows=args.windows,
+                        calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                        measure_speed=target.prefer == "fastest", isolate=not args.no_isolate, threads=args.threads,
+                        trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit)
+    run_dir = args.out or default_run_dir(cfg)
+    if not args.quiet:
+        print(f"target: {target.describe()} (the upper end of each 95% interval is checked)", file=sys.stderr)
+
+    def measure(fmt: str) -> dict:
+        def show(rec):
+            if not args.quiet:
+                state = "reused" if rec.get("reused") else "measured"
+                print(f"[{state}] {rec['format']}" + (f": error {rec['error']}" if rec.get("error") else ""),
+                      file=sys.stderr, flush=True)
+
+        records, _ = compare(replace(cfg, formats=(fmt,)), on_record=show, run_dir=run_dir)
+        return next(r for r in records if r["format"] == fmt)
+
+    decision = recommend(target, measure, ladder, size_of=_model_sizes(args.model, cfg.dtype))
+    steps = [{"format": t.format, "ladder_step": t.step, "passed": {"pass": True, "fail": False}.get(t.verdict),
+              "reason": t.why,
+              **{k: v for k, v in t.numbers.items() if k in ("weight_bytes", "perplexity", "kld_mean", "checked_upper")}}
+             for t in decision.trail]
+    summary = {"chosen": decision.chosen, "meets_target": decision.meets_target, "reason": decision.reason,
+               "target": target.describe(), "steps": steps}
+    if decision.trail or decision.record:
+        with RunStore.open(run_dir) as store:
+            store.update_meta({"recommendation": summary})
+    print(f"target: {target.describe()}; a format passes when the upper end of its 95% interval meets it")
+    print("decision trail:")
+    print("\n".join(_trail_lines(decision)))
+    print(f"\nrecommended: {decision.chosen}" + ("" if decision.meets_target else " (does NOT meet the target)"))
+    print(f"why: {decision.reason}")
+    print(f"run directory: {run_dir} ('quantscope report {run_dir}' shows the trail)")
+    if args.json:
+        write_json_atomic(args.json, {**decision.to_dict(), "run_dir": str(run_dir)})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def plan_table(rows, devices, custom) -> str:
+    """The `quantscope plan` table: exact weights and KV cache, estimated overhead, where it fits."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    usable = {d.name: d.usable_bytes for d in devices}
+    head = ["format", "bits/w", "weights", "KV cache", "overhead*", "total", "smallest listed device that fits"]
+    head += [d.name for d in custom]
+    body = []
+    for r in rows:
+        listed = [n for n in r.fits if n not in {d.name for d in custom}]
+        smallest = min(listed, key=usable.__getitem__) if listed else "none"
+        body.append([r.format, f"{r.bits_per_weight:.2f}", gb(r.weight_bytes), gb(r.kv_cache_bytes),
+                     gb(r.overhead_bytes), gb(r.total_bytes), smallest]
+                    + ["yes" if d.name in r.fits else "no" for d in custom])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in body])
+
+
+def _cmd_plan(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .plan import planner
+    from .plan.devices import DEVICES, parse_device, parse_memory
+
+    config = planner.load_config(args.model)
+    g = planner.geometry(config)
+    custom = [parse_device(d) for d in args.device]
+    devices = list(DEVICES) + [d for d in custom if d not in DEVICES]
+    assumptions = planner.RuntimeAssumptions(
+        framework_bytes=parse_memory(args.framework_overhead) if args.framework_overhead else planner.RuntimeAssumptions.framework_bytes,
+        attention=args.attention)
+    rows = planner.plan(config, args.formats, args.ctx, args.batch, kv_dtype=args.kv_dtype,
+                        embed_format=args.embed_format, devices=devices, assumptions=assumptions)
+    if args.json:
+        print(json.dumps({"model": args.model, "ctx": args.ctx, "batch": args.batch, "kv_dtype": args.kv_dtype,
+                          "assumptions": asdict(assumptions), "devices": [asdict(d) for d in devices],
+                          "rows": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print(f"model: {args.model} ({g.model_type}, {g.layers} layers, hidden {g.hidden}, {g.kv_heads} KV heads x "
+          f"{g.head_dim}, vocab {g.vocab}, {'tied' if g.tied else 'untied'} head, unquantized tensors in {g.dtype})")
+    print(f"ctx {args.ctx} x batch {args.batch}, KV cache in {args.kv_dtype}"
+          + (f", embeddings in {args.embed_format}" if args.embed_format else ""))
+    print(plan_table(rows, devices, custom))
+    a = assumptions
+    print(f"\nweights and KV cache are exact (config.json only; nothing loaded). *overhead is an ESTIMATE: "
+          f"activations of one prefill ({a.attention} attention, {a.activation_dtype}) + one dequantized weight "
+          f"(quantscope's QuantLinear) + a {a.framework_bytes / 2**30:g} GiB framework allowance.")
+    for note in dict.fromkeys(n for r in rows for n in r.notes):
+        print(f"note: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="quantscope", description="Quantize a causal LM into many formats and compare them.")
     p.add_argument("--version", action="version", version=f"quantscope {__import__('quantscope').__version__}")
@@ -320,6 +551,66 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--retry-errors", action="store_true")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+
+    se = sub.add_parser("sensitivity", help="rank layers by the KL divergence quantizing each alone causes")
+    se.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file")
+    se.add_argument("--format", default="int4-g128", help="round-to-nearest format each unit is quantized into")
+    se.add_argument("--unit", choices=("layer", "block"), default="layer", help="one module, or one decoder block's linears, at a time")
+    se.add_argument("--text", default="python-docs", help="calibration text: windows from its start")
+    se.add_argument("--windows", type=int, default=2, help="windows scored (default 2)")
+    se.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
+    se.add_argument("--include", action="append", default=[], help="module-name pattern to scan too (repeatable)")
+    se.add_argument("--exclude", action="append", default=[], help="module-name pattern to leave out (repeatable)")
+    se.add_argument("--include-embeddings", action="store_true", help="scan the embedding and lm_head too (tied: one unit)")
+    se.add_argument("--top", type=int, default=10, help="rows printed (0: all)")
+    se.add_argument("--json", default=None, help="write every unit's row to this JSON file")
+    se.add_argument("--out", default=None, help="run directory to store the ranking in (for 'quantscope report')")
+    se.add_argument("--no-cache", action="store_true", help="measure again even if this scan is cached")
+    se.add_argument("--threads", type=int, default=None, help="torch threads")
+    se.add_argument("--trust-remote-code", action="store_true")
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(func=_cmd_sensitivity)
+
+    rc = sub.add_parser("recommend", help="find the smallest format that meets a quality target, with its decision trail")
+    rc.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT", help="perplexity may rise at most PCT %%")
+    rc.add_argument("--max-kld", type=float, default=None, metavar="X", help="mean KL divergence from the baseline at most X")
+    rc.add_argument("--max-acc-drop", type=float, default=None, metavar="PTS", help="task accuracy may drop at most PTS points (with --task)")
+    rc.add_argument("--task", type=_task_arg, action="append", default=[], help="NAME=PATH task for --max-acc-drop")
+    rc.add_argument("--limit", type=int, default=None, help="questions per task")
+    rc.add_argument("--memory", default=None, help="the weights must fit this size, e.g. 4GB (10^9) or 4GiB")
+    rc.add_argument("--prefer", choices=("smallest", "fastest"), default=None, help="among passing formats (default smallest)")
+    rc.add_argument("--scenario", default=None, help="cloud-gpu | edge | large-model-limited-hw | research: budgets from the seed table")
+    rc.add_argument("--calib", default=None, help="your calibration text: adds the GPTQ/AWQ step and feeds mixed precision")
+    rc.add_argument("--calib-samples", type=int, default=128)
+    rc.add_argument("--calib-seqlen", type=int, default=512)
+    rc.add_argument("--mixed-bpw", type=lambda s: tuple(float(x) for x in _csv(s)), default=(3.5, 5.0, 6.0),
+                    help="mixed-precision budgets tried (bits per weight; '' for none; default 3.5,5,6)")
+    rc.add_argument("--mixed-ladder", default="int3-g128/int4-g128/int8", help="formats the mixed allocation picks from")
+    rc.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file")
+    rc.add_argument("--text", default="python-docs", help="evaluation text")
+    rc.add_argument("--windows", type=int, default=8)
+    rc.add_argument("--ctx", type=int, default=512)
+    rc.add_argument("--json", default=None, help="write the decision and its trail to this JSON file")
+    rc.add_argument("--out", default=None, help="run directory (default: the one 'compare' uses for these settings)")
+    rc.add_argument("--no-isolate", action="store_true", help="measure in this process")
+    rc.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    rc.add_argument("--trust-remote-code", action="store_true")
+    rc.add_argument("--quiet", action="store_true")
+    rc.set_defaults(func=_cmd_recommend)
+
+    pl = sub.add_parser("plan", help="memory plan from config.json only: weights, KV cache, overhead, devices")
+    pl.add_argument("model", help="local model folder, its config.json, or a Hub id")
+    pl.add_argument("--ctx", type=int, default=8192)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--formats", type=_csv, default=("bf16", "fp8-e4m3", "int8", "int4-g128", "nf4", "int3-g128"),
+                    help="comma-separated formats")
+    pl.add_argument("--device", action="append", default=[], help="extra device: a size (24GB, 24GiB) or a listed name (repeatable)")
+    pl.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16, fp32, fp8")
+    pl.add_argument("--embed-format", default=None, help="quantize the embeddings and head into this format too")
+    pl.add_argument("--attention", choices=("fused", "eager"), default="fused")
+    pl.add_argument("--framework-overhead", default=None, help="fixed runtime allowance (default 1GiB)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 
