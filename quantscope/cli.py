@@ -624,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         from .compare import DEFAULT_FORMATS
 
         args.formats = DEFAULT_FORMATS
+    from .compare import quiet_library_logs
+
+    quiet_library_logs()
     try:
         return int(args.func(args) or 0)
     except QuantscopeError as e:

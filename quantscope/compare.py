@@ -60,6 +60,11 @@ class CompareConfig:
     task_sample_seed: int | None = None
     task_shots: int = 0
     ctx_sweep: tuple[int, ...] = ()  # extra context lengths: perplexity and KLD at each (long context)
+    # The baseline's log-probabilities of the scored positions are kept in this process's memory and
+    # served to each format's worker window by window, when they fit in this budget: every format is
+    # then compared with one reference pass instead of recomputing it (half the work). Larger
+    # evaluations fall back to computing the reference side by side in each worker.
+    reference_cache_bytes: int = 6 * 2**30
 
     def __post_init__(self):
         if self.ctx < 2:
@@ -94,6 +99,7 @@ class Job:
     common: dict = field(default_factory=dict)  # fields copied into the record
     tasks: list = field(default_factory=list)  # loaded Task objects
     sweep_windows: dict = field(default_factory=dict)  # {ctx: [n, ctx] windows} for --ctx-sweep
+    ref_mode: str = "local"  # baseline: "export" its log-probs; others: "serve" (from the parent) or "local"
 
 
 @dataclass
@@ -202,6 +208,9 @@ def prepare(config: CompareConfig) -> Prepared:
     }
     jobs = []
     ordered = [resolve_format(base_name)] + [s for s in specs if s.name != base_name]
+    vocab = getattr(mcfg, "vocab_size", None) or len(tok)
+    ref_bytes = config.windows * (config.ctx - score_from) * vocab * 4
+    cache_ref = ref_bytes <= config.reference_cache_bytes and not sweep and len(ordered) > 1
     for s in ordered:
         jobs.append(Job(format=s.name, is_baseline=s.name == base_name, model_path=str(path),
                         model_name=model_name, model_ref=config.model, dtype=config.dtype,
@@ -209,7 +218,8 @@ def prepare(config: CompareConfig) -> Prepared:
                         score_from=score_from, calib=calib if _needs_calib(s) else None,
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads,
-                        common=dict(common), tasks=tasks, sweep_windows=sweep))
+                        common=dict(common), tasks=tasks, sweep_windows=sweep,
+                        ref_mode=("export" if s.name == base_name else "serve") if cache_ref else "local"))
     if kind in ("embedded", "gguf"):
         notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
                      "full-precision checkpoint)")
@@ -294,8 +304,39 @@ def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = Non
     return model, None
 
 
-def measure_format(job: Job, progress: Callable | None = None) -> dict:
-    """Measure one format (runs in the worker process, or inline when isolate=False)."""
+class ReferenceStore:
+    """The baseline's per-window log-probabilities, held by the process that runs the comparison."""
+
+    def __init__(self):
+        self.windows: dict[int, "np.ndarray"] = {}
+
+    def put(self, i: int, logp) -> None:
+        self.windows[i] = logp
+
+    def get(self, i: int):
+        if i not in self.windows:
+            raise QuantscopeError("internal: the baseline's reference for window %d is missing" % i)
+        return self.windows[i]
+
+
+class _PipeReference:
+    """Worker side of the reference exchange over the worker's pipe."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def put(self, i: int, logp) -> None:
+        self.conn.send(("ref", i, logp))
+
+    def get(self, i: int):
+        self.conn.send(("need", i))
+        return self.conn.recv()
+
+
+def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dict:
+    """Measure one format (runs in the worker process, or inline when isolate=False).
+
+    `refs` exchanges the baseline's log-probabilities (ReferenceStore in-process, a pipe in a worker)."""
     from .evaluate.perplexity import score_windows
     from .measure.memory import model_tensors, peak_rss_bytes, tensor_bytes, weight_bytes
     from .measure.speed import measure_speed
@@ -315,17 +356,25 @@ def measure_format(job: Job, progress: Callable | None = None) -> dict:
     sel_params = int(sum(t.numel() for t in sel_tensors))
     base_bytes = weight_bytes(base)
     other_bytes = base_bytes - tensor_bytes(sel_tensors)
+    del mods, sel_tensors  # hold no references to the float weights that quantization replaces
+    export = None
     if job.is_baseline:
         qmodel, reference, qsec, storage = base, None, 0.0, None
+        if job.ref_mode == "export" and refs is not None:
+            export = lambda i, logp: refs.put(i, logp.numpy().copy())
     else:
-        qmodel = copy.deepcopy(base)
+        if job.ref_mode == "serve" and refs is not None:
+            # the reference comes from the parent: quantize the baseline in place, no second copy
+            qmodel, reference = base, (lambda i: torch.from_numpy(refs.get(i)))
+            base = None
+        else:
+            qmodel, reference = copy.deepcopy(base), base
         t0 = time.perf_counter()
         qmodel, storage = _quantize(qmodel, spec, job, notes, rec)
         qsec = time.perf_counter() - t0
-        reference = base
     qmodel.eval()
     scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
-                           progress=progress)
+                           progress=progress, export=export)
     rec.update(scores.summary())
     if job.is_baseline:
         rec.update({"kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0, "kld_median": 0.0,
@@ -374,9 +423,22 @@ def measure_format(job: Job, progress: Callable | None = None) -> dict:
     return rec
 
 
+def quiet_library_logs() -> None:
+    """Silence import-time chatter of optional libraries (torchao's missing CUDA kernels, torch's
+    pytree deprecations, bitsandbytes' per-call cast notice) in processes quantscope owns."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "transformers.modeling_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def _worker_main(job: Job, conn) -> None:
+    quiet_library_logs()
     try:
-        rec = measure_format(job)
+        rec = measure_format(job, refs=_PipeReference(conn))
         conn.send(("ok", rec))
     except QuantscopeError as e:
         conn.send(("error", str(e)))
@@ -387,22 +449,33 @@ def _worker_main(job: Job, conn) -> None:
         conn.close()
 
 
-def run_job(job: Job, isolate: bool = True) -> dict:
-    """Measure one job, in a fresh spawned process when `isolate`; errors become a record with `error`."""
+def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) -> dict:
+    """Measure one job, in a fresh spawned process when `isolate`; errors become a record with `error`.
+
+    `refs` holds the baseline's log-probabilities: filled by the baseline's job, served to the others."""
+    refs = refs if refs is not None else ReferenceStore()
     if not isolate:
         try:
-            return measure_format(job)
+            return measure_format(job, refs=refs)
         except QuantscopeError as e:
             return _error_record(job, str(e))
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
+    parent, child = ctx.Pipe(duplex=True)
     p = ctx.Process(target=_worker_main, args=(job, child), daemon=True)
     p.start()
     child.close()
     msg = None
     try:
-        msg = parent.recv()
-    except EOFError:
+        while True:
+            m = parent.recv()
+            if m[0] == "ref":
+                refs.put(m[1], m[2])
+            elif m[0] == "need":
+                parent.send(refs.get(m[1]))
+            else:
+                msg = m
+                break
+    except (EOFError, BrokenPipeError):
         pass
     p.join()
     if msg is None:
@@ -512,6 +585,7 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     # baseline has been measured, so a run that fails on bad input leaves nothing behind
     store = RunStore.open(run_dir, meta=prep.meta) if run_dir is not None and Path(run_dir).exists() else None
     records = []
+    refs = ReferenceStore()
     try:
         for job in prep.jobs:
             key = job_key(job) if run_dir is not None else None
@@ -519,7 +593,9 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
             if rec is not None:
                 rec = dict(rec, reused=True)
             else:
-                rec = run_job(job, isolate=config.isolate)
+                if job.ref_mode == "serve" and not refs.windows:
+                    job.ref_mode = "local"  # the baseline row was reused from the store: no reference here
+                rec = run_job(job, isolate=config.isolate, refs=refs)
                 if rec.get("error") and job.is_baseline:
                     raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")
                 if run_dir is not None and not rec.get("error"):

@@ -113,3 +113,16 @@ def test_compare_ctx_sweep(tiny_model_dir):
         assert set(r["ctx_sweep"]) == {"16", "64"}
         assert r["ctx_sweep"]["16"]["tokens_scored"] == 4 * 15
     assert records[1]["ctx_sweep"]["64"]["kld_mean"] > 0
+
+
+def test_served_reference_equals_side_by_side(tiny_model_dir):
+    """KLD from the baseline's cached log-probabilities equals KLD recomputed in the worker."""
+    d, text = tiny_model_dir
+    common = dict(model=str(d), text=str(text), formats=("int4-g128",), ctx=32, windows=2, isolate=False,
+                  measure_speed=False)
+    served, _ = compare(CompareConfig(**common))
+    local, _ = compare(CompareConfig(**common, reference_cache_bytes=0))
+    assert served[1]["kld_mean"] > 0
+    assert served[1]["kld_mean"] == pytest.approx(local[1]["kld_mean"], rel=1e-5)
+    assert served[1]["top1_agreement"] == local[1]["top1_agreement"]
+    assert served[1]["perplexity"] == pytest.approx(local[1]["perplexity"], rel=1e-6)

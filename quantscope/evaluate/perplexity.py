@@ -63,18 +63,29 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def score_windows(model, windows: torch.Tensor, reference=None, score_from: int = 1,
-                  progress=None) -> WindowScores:
-    """Score [n, ctx] windows with `model` (and compare with `reference` if given)."""
+                  progress=None, export=None) -> WindowScores:
+    """Score [n, ctx] windows with `model`, comparing with `reference` if given.
+
+    `reference` is either a model (its log-probabilities are computed here, window by window) or a
+    callable `reference(i) -> Tensor[scored positions, vocab]` handing over log-probabilities computed
+    elsewhere (the comparison harness computes the baseline's once and serves them to every format).
+    `export(i, logp)`, if given, receives this model's log-probabilities of window i.
+    """
     if not 1 <= score_from < windows.shape[1]:
         raise ValueError("score_from must be in [1, ctx)")
     res = WindowScores()
     with torch.inference_mode():
-        for w in windows:
+        for i, w in enumerate(windows):
             targets = w[score_from:]
             logp = torch.log_softmax(_logits(model, w)[score_from - 1:-1], dim=-1)
             res.nll.append((-logp.gather(1, targets[:, None]).squeeze(1)).numpy().astype(np.float32))
+            if export is not None:
+                export(i, logp)
             if reference is not None:
-                ref = torch.log_softmax(_logits(reference, w)[score_from - 1:-1], dim=-1)
+                if isinstance(reference, torch.nn.Module):
+                    ref = torch.log_softmax(_logits(reference, w)[score_from - 1:-1], dim=-1)
+                else:
+                    ref = reference(i)
                 kld = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
                 res.kld.append(kld.numpy().astype(np.float32))
                 res.top1.append((ref.argmax(-1) == logp.argmax(-1)).numpy())
