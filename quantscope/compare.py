@@ -590,11 +590,14 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
         for job in prep.jobs:
             key = job_key(job) if run_dir is not None else None
             rec = store.get(key) if store else None
+            if rec is not None and job.is_baseline and job.ref_mode == "export" and store and any(
+                    not store.has(job_key(j)) for j in prep.jobs[1:]):
+                rec = None  # stored, but the formats still to measure need its log-probabilities: one pass
             if rec is not None:
                 rec = dict(rec, reused=True)
             else:
                 if job.ref_mode == "serve" and not refs.windows:
-                    job.ref_mode = "local"  # the baseline row was reused from the store: no reference here
+                    job.ref_mode = "local"
                 rec = run_job(job, isolate=config.isolate, refs=refs)
                 if rec.get("error") and job.is_baseline:
                     raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")

@@ -1,0 +1,50 @@
+"""Issue 4 benchmark: quantscope's own formats and the libraries people deploy, one protocol.
+
+    python benchmarks/libraries.py [--windows 32] [--group all|8|4|3]
+
+Same model, text and windows as benchmarks/core_formats.py (WikiText-2 test, ctx 512, 32 windows from
+the start; the run directory is shared, so formats already measured there are reused, not re-run).
+Calibrated formats calibrate on the Python docs text so that the evaluation windows stay the same.
+Rows sorted by bits per weight. Writes benchmarks/results/libraries.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _common import shared, write
+
+from quantscope.cli import comparison_table
+from quantscope.compare import CompareConfig, compare
+
+GROUPS = {
+    "8": "int8,fp8-e4m3,bnb-int8,torchao-int8wo,torchao-int8dq,quanto-int8,quanto-fp8,gguf-q8_0",
+    "4": "int4-g128,int4-g64,nf4,bnb-nf4,bnb-fp4,hqq-int4-g64,quanto-int4,torchao-int4wo-g32,gguf-q4_0,"
+         "gguf-q4_1,gguf-q4_k_m,llmc-gptq-int4-g128",
+    "3": "int3-g128,int3-g64,hqq-int3-g64,gguf-q3_k_m",
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--group", default="all", choices=["all", *GROUPS])
+    ap.add_argument("--out", default="benchmarks/runs/core_formats")
+    args = ap.parse_args()
+    names = ",".join(GROUPS.values()) if args.group == "all" else GROUPS[args.group]
+    cfg = CompareConfig(formats=tuple(names.split(",")), text=shared("wikitext2/wiki.test.raw"), ctx=512,
+                        windows=args.windows, threads=2)
+    records, meta = compare(cfg, on_record=lambda r: print(f"done: {r['format']}", file=sys.stderr, flush=True),
+                            run_dir=args.out)
+    ok = sorted((r for r in records if not r.get("error")), key=lambda r: (r["bits_per_weight"], r["kld_mean"]))
+    skipped = [r for r in records if r.get("error")]
+    print(f"model: {meta['model']}\ntext: {meta['text']}, ctx 512, {meta['windows']} windows")
+    print(comparison_table(ok + skipped))
+    out = write(f"libraries-{args.group}", {"meta": meta, "records": ok + skipped})
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
