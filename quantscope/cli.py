@@ -123,6 +123,7 @@ def _cmd_compare(args) -> int:
         measure_speed=not args.no_speed, isolate=not args.no_isolate, threads=args.threads,
         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
         task_sample_seed=args.sample_seed, task_shots=args.shots, ctx_sweep=args.ctx_sweep,
+        progress=sys.stderr.isatty() and not args.quiet,
     )
     done: list[dict] = []
 

@@ -65,6 +65,7 @@ class CompareConfig:
     # then compared with one reference pass instead of recomputing it (half the work). Larger
     # evaluations fall back to computing the reference side by side in each worker.
     reference_cache_bytes: int = 6 * 2**30
+    progress: bool = False  # progress bars with ETA on stderr (the CLI turns them on for a terminal)
 
     def __post_init__(self):
         if self.ctx < 2:
@@ -99,6 +100,7 @@ class Job:
     common: dict = field(default_factory=dict)  # fields copied into the record
     tasks: list = field(default_factory=list)  # loaded Task objects
     sweep_windows: dict = field(default_factory=dict)  # {ctx: [n, ctx] windows} for --ctx-sweep
+    progress: bool = False  # tqdm bars on stderr (only when it is a terminal)
     ref_mode: str = "local"  # baseline: "export" its log-probs; others: "serve" (from the parent) or "local"
 
 
@@ -219,6 +221,7 @@ def prepare(config: CompareConfig) -> Prepared:
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads,
                         common=dict(common), tasks=tasks, sweep_windows=sweep,
+                        progress=config.progress,
                         ref_mode=("export" if s.name == base_name else "serve") if cache_ref else "local"))
     if kind in ("embedded", "gguf"):
         notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
@@ -373,8 +376,16 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
         qmodel, storage = _quantize(qmodel, spec, job, notes, rec)
         qsec = time.perf_counter() - t0
     qmodel.eval()
+    bar = None
+    if progress is None and job.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(job.windows), desc=f"{job.format}: scoring windows", unit="win", leave=False)
+        progress = bar.update
     scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
                            progress=progress, export=export)
+    if bar is not None:
+        bar.close()
     rec.update(scores.summary())
     if job.is_baseline:
         rec.update({"kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0, "kld_median": 0.0,

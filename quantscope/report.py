@@ -18,12 +18,11 @@ import html
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from quantscope.errors import QuantscopeError
-from quantscope.results import Record
+from quantscope.results import Record, write_text_atomic
 
 MISSING = "—"
 SENSITIVITY_TOP = 30  # layers drawn in the sensitivity chart (the most sensitive ones)
@@ -533,23 +532,6 @@ def render_html(records: Sequence[Record], meta: dict[str, Any]) -> str:
 
 
 # --- files ----------------------------------------------------------------------------------------
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text so a reader never sees a half-written file (temp file in the same dir + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(

@@ -44,15 +44,14 @@ RECORD_FIELDS = (
 Record = dict[str, Any]
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (temp file + rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text so that a reader never sees a half-written file (temp file in the same dir + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,3 +59,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -126,10 +126,15 @@ def test_recommend_impossible_memory_budget_exits_2_with_one_line(tiny_model_dir
     assert not run.exists()  # sizes come from config.json: nothing was measured
 
 
-def test_recommend_in_worker_processes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_recommend_in_worker_processes_with_a_scenario(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # research: int8 only, otherwise full precision; the scenario's budget replaced by --max-kld.
+    # Two worker processes (baseline, int8): the default, isolated path.
     monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path / "cache"))
     model_dir, text = tiny_model_dir
-    assert _recommend(model_dir, text, tmp_path / "run", "--max-kld", "10", "--mixed-bpw", "", "--quiet") == 0
-    out = capsys.readouterr().out
-    assert "recommended: nf4" in out  # everything passes a loose budget: the smallest candidate wins
-    assert "not smaller than nf4" in out  # int4-g128 (larger here) was never measured
+    assert _recommend(model_dir, text, tmp_path / "run", "--scenario", "research", "--max-kld", "1e-5",
+                      "--quiet", "--json", str(tmp_path / "r.json")) == 0
+    decision = json.loads((tmp_path / "r.json").read_text())
+    assert decision["chosen"] == "int8" and [t["format"] for t in decision["trail"]] == ["int8"]
+    assert "recommended: int8" in capsys.readouterr().out
+    records = {r["format"]: r for r in load_run(tmp_path / "run").records}
+    assert set(records) == {"fp32", "int8"} and records["int8"]["peak_rss_bytes"] > 0

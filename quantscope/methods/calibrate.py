@@ -327,6 +327,8 @@ def _awq_scale(block, stages, spec, xs, rests, prefix, layers_rec, cfg: awq.AWQC
     per-stage statistics (rescaled to the folded model)."""
     keep = max(cfg.search_tokens, cfg.clip_tokens)
     stride = max(1, _tokens(xs) // keep)
+    if stride > 1 and stride % 2 == 0:  # odd, so the sample does not keep hitting the same positions
+        stride += 1  # of power-of-two-long sequences (e.g. every first token, with its outliers)
     stats = {}
     handles = []
     last = stages[-1][0]
