@@ -29,6 +29,16 @@ def quantize(model: torch.nn.Module, fmt: str | FormatSpec, include: Iterable[st
     from .model.swap import apply_plan, select_modules, uniform_plan
 
     spec = resolve_format(fmt) if isinstance(fmt, str) else fmt
+    from .methods.mixed import MixedSpec
+
+    if isinstance(spec, MixedSpec):
+        from .methods.mixed import quantize_mixed, sensitivity_windows
+
+        windows = sensitivity_windows(torch.stack(list(calib))) if spec.needs_calibration and calib else None
+        if spec.needs_calibration and windows is None:
+            raise QuantscopeError(f"format '{spec.name}' measures layer sensitivity: pass calib token sequences")
+        quantize_mixed(model, spec, windows, tuple(include), tuple(exclude))
+        return model
     if isinstance(spec, BackendFormat):
         from .backends import load_backend
 

@@ -403,7 +403,8 @@ def _cmd_recommend(args) -> int:
     cfg = CompareConfig(model=args.model, formats=(baseline,), text=args.text, ctx=args.ctx, windows=args.windows,
                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                         measure_speed=target.prefer == "fastest", isolate=not args.no_isolate, threads=args.threads,
-                        trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit)
+                        trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
+                        progress=sys.stderr.isatty() and not args.quiet)
     run_dir = args.out or default_run_dir(cfg)
     if not args.quiet:
         print(f"target: {target.describe()} (the upper end of each 95% interval is checked)", file=sys.stderr)
@@ -425,9 +426,8 @@ def _cmd_recommend(args) -> int:
              for t in decision.trail]
     summary = {"chosen": decision.chosen, "meets_target": decision.meets_target, "reason": decision.reason,
                "target": target.describe(), "steps": steps}
-    if decision.trail or decision.record:
-        with RunStore.open(run_dir) as store:
-            store.update_meta({"recommendation": summary})
+    with RunStore.open(run_dir) as store:  # `quantscope report` shows the trail
+        store.update_meta({"recommendation": summary})
     print(f"target: {target.describe()}; a format passes when the upper end of its 95% interval meets it")
     print("decision trail:")
     print("\n".join(_trail_lines(decision)))

@@ -281,7 +281,20 @@ def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = Non
 
         windows = sensitivity_windows(job.calib) if spec.needs_calibration else None
         cache = SensitivityCache(cache_root() / "sensitivity", f"{job.common['model_fingerprint']}|{job.dtype}")
-        result = quantize_mixed(model, spec, windows, job.include, job.exclude, cache=cache)
+        bar = None
+        if windows is not None and job.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"{spec.name}: sensitivity scan", unit="pass", leave=False)
+
+        def scan_progress(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        result = quantize_mixed(model, spec, windows, job.include, job.exclude, cache=cache,
+                                progress=scan_progress if bar is not None else None)
+        if bar is not None:
+            bar.close()
         notes.extend(result.notes)
         if record is not None:
             record.update(result.record_fields())
@@ -556,7 +569,7 @@ def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str
     import json
     import re
 
-    key = json.dumps({k: v for k, v in _config_dict(config).items() if k not in ("formats", "isolate", "threads")},
+    key = json.dumps({k: v for k, v in _config_dict(config).items() if k not in ("formats", "isolate", "threads", "progress", "reference_cache_bytes")},
                      sort_keys=True, default=str)
     short = lambda s: re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(str(s).rstrip("/")))[:24].strip("-") or "x"
     return os.path.join(root, f"{short(config.model)}-{short(config.text)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")

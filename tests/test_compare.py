@@ -126,3 +126,16 @@ def test_served_reference_equals_side_by_side(tiny_model_dir):
     assert served[1]["kld_mean"] == pytest.approx(local[1]["kld_mean"], rel=1e-5)
     assert served[1]["top1_agreement"] == local[1]["top1_agreement"]
     assert served[1]["perplexity"] == pytest.approx(local[1]["perplexity"], rel=1e-6)
+
+
+def test_api_quantize_own_mixed_and_calibrated_without_data():
+    import quantscope as qs
+    from quantscope.errors import QuantscopeError
+
+    m = qs.quantize(tiny_llama(), "int4-g128")
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear)
+    m = qs.quantize(tiny_llama(), "mixed-edges:int4-g128/int8")
+    assert m.model.layers[0].mlp.up_proj.spec.name == "int8"
+    assert m.model.layers[-1].mlp.up_proj.spec.name == "int8"
+    with pytest.raises(QuantscopeError, match="calib"):
+        qs.quantize(tiny_llama(), "gptq-int4-g128")

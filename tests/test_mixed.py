@@ -85,6 +85,7 @@ def test_auto_never_exceeds_its_budget(bpw):
     measured = stored_bytes_of_quantized_layers(q)
     assert measured <= budget
     assert measured == result.allocation["total_bytes"]
+    assert bpw_of_plan(model, {n: parse_format(f) for n, f in result.plan.items()}) <= bpw
     assert set(result.plan) == set(select_modules(model))
     assert result.predicted_kld > 0
 

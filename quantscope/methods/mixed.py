@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from ..errors import QuantscopeError
 from ..formats.spec import FormatSpec, UnknownFormatError, parse_format
 from .allocate import Allocation, LayerCost, allocate
+
+__all__ = ["MixedSpec", "MixedResult", "parse_mixed", "edges_plan", "auto_plan", "quantize_mixed",
+           "sensitivity_windows", "mixed_weight_bytes", "plan_bytes", "bpw_of_plan", "decoder_blocks"]
 
 PREFIX = "mixed-"
 KINDS = ("edges", "auto")
@@ -60,10 +63,6 @@ class MixedSpec:
         """mixed-auto measures sensitivities on calibration tokens, which compare keeps apart from
         the evaluation windows."""
         return self.kind == "auto"
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        return (self.base, self.wide) if self.kind == "edges" else self.ladder
 
     def to_dict(self) -> dict:
         return {"name": self.name, "family": "mixed", "kind": self.kind, "base": self.base, "wide": self.wide,
@@ -255,7 +254,3 @@ def bpw_of_plan(model: nn.Module, plan: dict[str, FormatSpec]) -> float:
             seen.add(w.data_ptr())
             params += w.numel()
     return 8 * plan_bytes(model, plan) / params
-
-
-__all__: Sequence[str] = ("MixedSpec", "MixedResult", "parse_mixed", "edges_plan", "auto_plan", "quantize_mixed",
-                          "sensitivity_windows", "mixed_weight_bytes", "plan_bytes", "bpw_of_plan", "decoder_blocks")
