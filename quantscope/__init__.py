@@ -5,10 +5,12 @@ See :mod:`quantscope.api` for the entry points (`load_model`, `quantize`, `compa
 
 __version__ = "0.1.0"
 
+_API = ("CompareConfig", "compare", "load_model", "LoadedModel", "quantize", "list_formats", "resolve_format")
+
 
 def __getattr__(name):  # lazy: importing quantscope must not import torch/transformers
-    from . import api
+    if name in _API:
+        from . import api
 
-    if hasattr(api, name):
         return getattr(api, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'quantscope' has no attribute {name!r}")
