@@ -478,6 +478,8 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
 
     `refs` holds the baseline's log-probabilities: filled by the baseline's job, served to the others."""
     refs = refs if refs is not None else ReferenceStore()
+    if job.ref_mode == "serve" and not refs.windows:
+        job.ref_mode = "local"  # no baseline pass in this process to serve from: compute side by side
     if not isolate:
         try:
             return measure_format(job, refs=refs)
@@ -620,8 +622,6 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
             if rec is not None:
                 rec = dict(rec, reused=True)
             else:
-                if job.ref_mode == "serve" and not refs.windows:
-                    job.ref_mode = "local"
                 rec = run_job(job, isolate=config.isolate, refs=refs)
                 if rec.get("error") and job.is_baseline:
                     raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")

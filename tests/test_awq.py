@@ -103,7 +103,10 @@ def test_clip_search_never_worse_than_no_clip_on_its_tokens():
     assert mv.shape == (128, 4)
     clipped = awq.quantize_clipped(W, mv, spec).dequantize()
     plain = awq.quantize_clipped(W, None, spec).dequantize()
-    assert (X @ (clipped - W).t()).pow(2).mean() <= (X @ (plain - W).t()).pow(2).mean()
+    err_clip = (X @ (clipped - W).t()).pow(2).mean()
+    err_plain = (X @ (plain - W).t()).pow(2).mean()
+    assert err_clip <= err_plain * (1 + 1e-5)
+    assert err_clip < 0.99 * err_plain  # and on these weights clipping does help
 
 
 def test_quantize_clipped_is_rtn_storage():

@@ -123,3 +123,22 @@ def test_compare_cli_isolated_end_to_end(tiny_model_dir, tmp_path):
     p2 = subprocess.run([sys.executable, "-m", "quantscope.cli", "show", str(tmp_path / "run")],
                         capture_output=True, text=True, timeout=300)
     assert p2.returncode == 0 and "int3-g32" in p2.stdout
+
+
+def test_sweep_runs_real_cells_and_resumes(tiny_model_dir, tmp_path):
+    """`quantscope sweep` through the real harness (worker processes), then again: nothing re-measured."""
+    d, text = tiny_model_dir
+    study = tmp_path / "study.toml"
+    study.write_text(f'name = "tiny"\nmodels = ["{d}"]\nformats = ["fp32", "int4-g64"]\n'
+                     f'texts = ["{text}"]\nctx = 32\nwindows = 2\n')
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "quantscope.cli", "sweep", str(study), "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 measured, 0 reused" in p.stdout and "int4-g64" in p.stdout
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "0 measured, 2 reused" in p.stdout
+    r = subprocess.run([sys.executable, "-m", "quantscope.cli", "report", str(out), "--md", str(tmp_path / "r.md")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "int4-g64" in (tmp_path / "r.md").read_text()

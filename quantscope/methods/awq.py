@@ -14,8 +14,8 @@ The method of Lin et al., "AWQ" (2023), in the form AutoAWQ runs it for Llama-st
    so the float model computes exactly the same function and no runtime op is added;
 4. per linear, a clipping search (:func:`search_clip`): each group's range is shrunk to
    ``r x max|w|`` for ``r`` in 1.0, 0.95, ... 0.55, keeping per (row, group) the ``r`` that minimises
-   that group's output error; query/key projections are not clipped (AutoAWQ's choice: clipping
-   them distorts attention scores);
+   that group's output error (``r = 1`` is RTN, so never worse on the search tokens); query/key
+   projections are not clipped (AutoAWQ's choice: clipping them distorts attention scores);
 5. the folded, clipped weights are rounded to nearest into the integer format's packed layout
    (:func:`quantize_clipped`, via :func:`quantscope.formats.integer.from_codes`): bytes are those
    of the RTN format.
@@ -49,7 +49,7 @@ class AWQConfig:
     clip_grid: int = 20  # clipping ratios step by 1/clip_grid (AutoAWQ: 20)
     max_shrink: float = 0.5  # ratios go down to 1 - max_shrink (exclusive), as AutoAWQ
     search_tokens: int = 4096  # tokens for the scale-search loss (its Gram matrix: cost tokens x in^2)
-    clip_tokens: int = 512  # tokens for the clipping loss (AutoAWQ samples 512 as well)
+    clip_tokens: int = 4096  # tokens for the clipping loss (via per-group Gram matrices, so cheap)
     no_clip: tuple[str, ...] = ("q_proj", "k_proj")  # clipping these distorts attention scores
 
     def __post_init__(self) -> None:
@@ -168,31 +168,32 @@ def search_scales(weights: list[torch.Tensor], x: torch.Tensor, act_mean: torch.
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: FormatSpec, grid: int = 20,
                 max_shrink: float = 0.5, rows_per_chunk: int = 256) -> torch.Tensor:
     """Per (row, group) clipping value ``r x max|w_group|`` minimising the group's output error on
-    inputs `x` [tokens, in] after RTN. Returns ``max_val`` [out, n_groups] float32."""
+    inputs `x` [tokens, in] after RTN. Returns ``max_val`` [out, n_groups] float32.
+
+    A group's error ``mean_t (e . x_t)^2`` is evaluated as ``e S_g e`` with ``S_g`` the group's
+    [G, G] Gram matrix of `x` (same number, G instead of tokens per weight); all ratios of a chunk
+    of rows are tried in one batch of tensor ops. Ties keep the larger ratio (1.0 = no clipping)."""
     w = w.detach().float()
     out_f, in_f = w.shape
     G = integer.group_width(in_f, spec.group_size)
     ng = integer.n_groups(in_f, spec.group_size)
     pad = ng * G - in_f
     # padded input columns are zero: the padding copies of the last weight column contribute nothing
-    xg = nn.functional.pad(x.float(), (0, pad)).view(-1, ng, G).permute(1, 2, 0).contiguous()  # [ng, G, T]
-    ratios = [1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+    xg = nn.functional.pad(x.float(), (0, pad)).view(-1, ng, G).transpose(0, 1)  # [ng, T, G]
+    gram = xg.transpose(1, 2) @ xg / max(x.shape[0], 1)  # [ng, G, G]
+    ratios = torch.tensor([1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))])
+    R = ratios.numel()
     best_val = torch.empty(out_f, ng)
     for r0 in range(0, out_f, rows_per_chunk):
         wg = _groups(w[r0:r0 + rows_per_chunk], spec.group_size)  # [rows, ng, G]
         rows = wg.shape[0]
-        flat = wg.reshape(-1, G)
-        amax = flat.abs().amax(-1, keepdim=True)  # [rows * ng, 1]
-        best_err = torch.full((rows, ng), float("inf"))
-        best = amax.view(rows, ng).clone()
-        for r in ratios:
-            mv = amax * r
-            e = _fake_rtn_rows(torch.clamp(flat, -mv, mv), spec) - flat
-            err = torch.bmm(e.view(rows, ng, G).transpose(0, 1), xg).pow(2).mean(-1).t()  # [rows, ng]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, mv.view(rows, ng), best)
-        best_val[r0:r0 + rows_per_chunk] = best
+        mv = ratios.view(R, 1, 1) * wg.abs().amax(-1)  # [R, rows, ng]
+        lim = mv.unsqueeze(-1)
+        deq = _fake_rtn_rows(torch.clamp(wg.unsqueeze(0), -lim, lim).reshape(-1, G), spec)
+        e = (deq.view(R, rows, ng, G) - wg).permute(2, 0, 1, 3).reshape(ng, R * rows, G)
+        err = ((e @ gram) * e).sum(-1).view(ng, R, rows)
+        pick = err.argmin(1)  # [ng, rows]: first minimum, i.e. the largest ratio among ties
+        best_val[r0:r0 + rows] = mv.permute(2, 0, 1).gather(1, pick.unsqueeze(1)).squeeze(1).t()
     return best_val
 
 
