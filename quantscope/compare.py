@@ -181,6 +181,10 @@ def prepare(config: CompareConfig) -> Prepared:
                 start = n * config.calib_seqlen
         calib = cids[: n * config.calib_seqlen].view(n, config.calib_seqlen).clone()
     windows = make_windows(ids, config.ctx, config.windows, start=start, source=text.name)
+    overlap = calibration_overlap(calib, windows) if calib is not None else None
+    if overlap:
+        notes.append(f"WARNING: {100 * overlap:.1f}% of the evaluation's 8-token sequences also occur in the "
+                     "calibration data: calibrated formats are being scored partly on text they were fitted to")
     score_from = config.ctx // 2 if config.score_second_half else 1
     tasks = []
     if config.tasks:
@@ -206,6 +210,7 @@ def prepare(config: CompareConfig) -> Prepared:
         "windows": config.windows,
         "window_start_token": start,
         "scoring": "second-half" if config.score_second_half else "all-but-first",
+        "calibration_overlap": overlap,
         **versions(),
     }
     jobs = []
@@ -247,6 +252,18 @@ def _check_safetensors(folder: Path) -> None:
         except Exception as e:
             raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}") from None
+
+
+def calibration_overlap(calib: torch.Tensor, windows: torch.Tensor, n: int = 8) -> float:
+    """Share of the evaluation windows' n-token sequences that also occur in the calibration rows."""
+    def grams(rows: torch.Tensor) -> set:
+        out = set()
+        for r in rows.tolist():
+            out.update(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        return out
+
+    ev = grams(windows)
+    return len(ev & grams(calib)) / len(ev) if ev else 0.0
 
 
 def _needs_calib(s) -> bool:

@@ -142,3 +142,39 @@ def test_sweep_runs_real_cells_and_resumes(tiny_model_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "int4-g64" in (tmp_path / "r.md").read_text()
+
+
+def test_bad_calibration_input(capsys, tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    base = ["compare", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows", "2",
+            "--formats", "gptq-int4-g32", "--no-store"]
+    empty = tmp_path / "calib.txt"
+    empty.write_text("")
+    code, _, err = run_cli(capsys, *base, "--calib", str(empty))
+    assert_one_line_error(code, err, "the text is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    code, _, err = run_cli(capsys, *base, "--calib", str(short), "--calib-seqlen", "64")
+    assert_one_line_error(code, err, "fewer than one sample")
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_cli(capsys, *base, "--calib", str(binary))
+    assert_one_line_error(code, err, "not a UTF-8 text file")
+
+
+def test_calibration_disjoint_or_warned(tiny_model_dir, tmp_path):
+    from quantscope.compare import CompareConfig, prepare
+
+    d, text = tiny_model_dir
+    same = prepare(CompareConfig(model=str(d), text=str(text), formats=("gptq-int4-g32",), ctx=32, windows=2,
+                                 calib_samples=4, calib_seqlen=32))
+    job = same.jobs[1]
+    assert job.common["window_start_token"] == 4 * 32  # evaluation starts after the calibration head
+    assert any("disjoint" in n for n in same.notes)
+    # an explicit calibration file (different bytes) that contains the evaluation text is flagged
+    (tmp_path / "copy.txt").write_text("Preface.\n" + text.read_text())
+    other = prepare(CompareConfig(model=str(d), text=str(text), formats=("gptq-int4-g32",), ctx=32, windows=2,
+                                  calib=str(tmp_path / "copy.txt"), calib_samples=8, calib_seqlen=32))
+    assert other.jobs[1].common["window_start_token"] == 0
+    assert other.jobs[1].common["calibration_overlap"] > 0.5
+    assert any(n.startswith("WARNING") for n in other.notes)

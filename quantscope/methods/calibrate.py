@@ -472,6 +472,7 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
                 progress(i + 1, len(layers), f"block {i + 1}/{len(layers)} {secs:.1f}s")
     report["fallbacks"] = [{"layer": n, "warning": r["fallback"]}
                            for n, r in report["layers"].items() if r.get("fallback")]
+    report["notes"].extend(f"{f['layer']}: {f['warning']}" for f in report["fallbacks"])
     report["total_seconds"] = time.perf_counter() - t_start
     model.train(was_training)
     return model, report
