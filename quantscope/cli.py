@@ -177,6 +177,8 @@ def _cmd_formats(args) -> int:
         print(line)
     print("\nbits/w: own formats at a 1536x576 layer (codes + 16-bit scales/zeros); backends: code bits.")
     print("intN-gG takes any N in 2..8 and any group size G; add -sym for symmetric.")
+    print("mixed precision: mixed-edges:BASE/WIDE (first and last blocks in WIDE) and")
+    print("mixed-auto:BPW:F1/F2/... (per-layer formats allocated by measured sensitivity to BPW bits/weight).")
     return 0
 
 
