@@ -522,7 +522,10 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
         pass
     p.join()
     if msg is None:
-        return _error_record(job, f"worker process died (exit code {p.exitcode}); out of memory?")
+        code = p.exitcode
+        why = (f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")
+               if code is not None and code < 0 else f"exit code {code}")
+        return _error_record(job, f"worker process died ({why})")
     status, payload = msg
     return payload if status == "ok" else _error_record(job, payload)
 
