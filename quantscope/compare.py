@@ -337,6 +337,19 @@ def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = Non
     return model, None
 
 
+def _malloc_trim():
+    """glibc keeps freed per-window temporaries (logits, dequantized weights) in fragmented heaps, so
+    a worker's RSS would creep up with the number of windows; returning them after each window keeps
+    peak RSS a property of the format, not of --windows. A no-op where glibc is absent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
 class ReferenceStore:
     """The baseline's per-window log-probabilities, held by the process that runs the comparison."""
 
@@ -357,13 +370,23 @@ class _PipeReference:
 
     def __init__(self, conn):
         self.conn = conn
+        self.buf: bytearray | None = None  # one receive buffer, reused for every window
 
     def put(self, i: int, logp) -> None:
         self.conn.send(("ref", i, logp))
 
     def get(self, i: int):
+        """Window i's reference log-probs, received into a reused buffer (valid until the next get):
+        unpickling a fresh 100 MB array per window fragments the heap and inflates peak RSS."""
+        import numpy as np
+
         self.conn.send(("need", i))
-        return self.conn.recv()
+        shape = self.conn.recv()
+        n = int(np.prod(shape))
+        if self.buf is None or len(self.buf) < 4 * n:
+            self.buf = bytearray(4 * n)
+        self.conn.recv_bytes_into(self.buf)
+        return np.frombuffer(self.buf, dtype=np.float32, count=n).reshape(shape)
 
 
 def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dict:
@@ -412,6 +435,14 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
 
         bar = tqdm(total=len(job.windows), desc=f"{job.format}: scoring windows", unit="win", leave=False)
         progress = bar.update
+    trim = _malloc_trim()
+    step = progress
+
+    def progress(n):  # noqa: F811 - wraps the caller's progress with a heap trim per window
+        trim()
+        if step is not None:
+            step(n)
+
     scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
                            progress=progress, export=export)
     if bar is not None:
@@ -514,7 +545,9 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
             if m[0] == "ref":
                 refs.put(m[1], m[2])
             elif m[0] == "need":
-                parent.send(refs.get(m[1]))
+                arr = refs.get(m[1])
+                parent.send(arr.shape)
+                parent.send_bytes(arr)
             else:
                 msg = m
                 break
