@@ -328,8 +328,21 @@ def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = Non
     if spec.calibrated:
         from .methods.calibrate import quantize_calibrated
 
+        bar, step = None, None
+        if job.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"{spec.name}: calibrating", unit="block", leave=False)
+
+            def step(done, total, label):
+                bar.total = total
+                bar.n = done
+                bar.set_postfix_str(label, refresh=True)
+
         model, report = quantize_calibrated(model, spec, list(job.calib), include=job.include,
-                                            exclude=job.exclude)
+                                            exclude=job.exclude, progress=step)
+        if bar is not None:
+            bar.close()
         notes.extend(report.get("notes", []))
         return model, None
     with torch.no_grad():
