@@ -53,6 +53,8 @@ def comparison_table(records: list[dict]) -> str:
         elif ci:
             sig = " *" if r.get("perplexity_delta_significant") else ""
             delta = f"{r['perplexity_delta']:+.3f} [{ci[0]:+.3f},{ci[1]:+.3f}]{sig}"
+        elif r.get("perplexity_delta") is not None:
+            delta = f"{r['perplexity_delta']:+.3f} (no CI: <5 windows)"
         else:
             delta = "-"
         rows.append([

@@ -34,6 +34,8 @@ from .registry import BackendFormat, resolve_format
 # The default run: the baseline plus the formats people reach for first. With 8 windows of 512 tokens
 # it finishes in a few minutes on 2 CPU cores.
 DEFAULT_FORMATS = ("fp32", "bf16", "int8", "int4-g128", "nf4")
+# Fewer windows than this and the paired bootstrap over windows has too little to resample.
+MIN_WINDOWS_FOR_CI = 5
 
 
 @dataclass(frozen=True)
@@ -606,8 +608,13 @@ def add_paired_statistics(records: list[dict]) -> None:
         else:
             d, lo, hi = stats.paired_ratio_bootstrap_ci(base["window_nll"], base["window_tokens"],
                                                         r["window_nll"], r["window_tokens"])
-            r["perplexity_delta"], r["perplexity_delta_ci"] = d, [lo, hi]
-            r["perplexity_delta_significant"] = stats.significant(lo, hi)
+            r["perplexity_delta"] = d
+            if len(r["window_nll"]) < MIN_WINDOWS_FOR_CI:
+                # resampling 1-4 windows gives a degenerate, far too narrow interval: give none
+                r["perplexity_delta_ci"], r["perplexity_delta_significant"] = None, False
+            else:
+                r["perplexity_delta_ci"] = [lo, hi]
+                r["perplexity_delta_significant"] = stats.significant(lo, hi)
         if "task_items" in r:
             r["tasks"] = _task_summaries(r, base)
 
