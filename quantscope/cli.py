@@ -497,13 +497,23 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+MODEL_HELP = "'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file"
+
+
+def _add_process_options(p: argparse.ArgumentParser) -> None:
+    """Options every measuring subcommand shares."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per worker process)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="quantscope", description="Quantize a causal LM into many formats and compare them.")
     p.add_argument("--version", action="version", version=f"quantscope {__import__('quantscope').__version__}")
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
     c = sub.add_parser("compare", help="quantize into each format and measure them side by side")
-    c.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file")
+    c.add_argument("--model", default="default", help=MODEL_HELP)
     c.add_argument("--formats", type=_csv, default=None, help="comma-separated format names (see 'quantscope formats')")
     c.add_argument("--text", default="python-docs", help="'python-docs', a .txt file or a .jsonl file with a 'text' field")
     c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
@@ -558,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     se = sub.add_parser("sensitivity", help="rank layers by the KL divergence quantizing each alone causes")
-    se.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file")
+    se.add_argument("--model", default="default", help=MODEL_HELP)
     se.add_argument("--format", default="int4-g128", help="round-to-nearest format each unit is quantized into")
     se.add_argument("--unit", choices=("layer", "block"), default="layer", help="one module, or one decoder block's linears, at a time")
     se.add_argument("--text", default="python-docs", help="calibration text: windows from its start")
@@ -571,9 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", default=None, help="write every unit's row to this JSON file")
     se.add_argument("--out", default=None, help="run directory to store the ranking in (for 'quantscope report')")
     se.add_argument("--no-cache", action="store_true", help="measure again even if this scan is cached")
-    se.add_argument("--threads", type=int, default=None, help="torch threads")
-    se.add_argument("--trust-remote-code", action="store_true")
-    se.add_argument("--quiet", action="store_true")
+    _add_process_options(se)
     se.set_defaults(func=_cmd_sensitivity)
 
     rc = sub.add_parser("recommend", help="find the smallest format that meets a quality target, with its decision trail")
@@ -591,16 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--mixed-bpw", type=lambda s: tuple(float(x) for x in _csv(s)), default=(3.5, 5.0, 6.0),
                     help="mixed-precision budgets tried (bits per weight; '' for none; default 3.5,5,6)")
     rc.add_argument("--mixed-ladder", default="int3-g128/int4-g128/int8", help="formats the mixed allocation picks from")
-    rc.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file")
+    rc.add_argument("--model", default="default", help=MODEL_HELP)
     rc.add_argument("--text", default="python-docs", help="evaluation text")
     rc.add_argument("--windows", type=int, default=8)
     rc.add_argument("--ctx", type=int, default=512)
     rc.add_argument("--json", default=None, help="write the decision and its trail to this JSON file")
     rc.add_argument("--out", default=None, help="run directory (default: the one 'compare' uses for these settings)")
     rc.add_argument("--no-isolate", action="store_true", help="measure in this process")
-    rc.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    rc.add_argument("--trust-remote-code", action="store_true")
-    rc.add_argument("--quiet", action="store_true")
+    _add_process_options(rc)
     rc.set_defaults(func=_cmd_recommend)
 
     pl = sub.add_parser("plan", help="memory plan from config.json only: weights, KV cache, overhead, devices")
