@@ -50,8 +50,28 @@ def weight_bytes(model: nn.Module, tensors: Iterable[torch.Tensor] | None = None
     return tensor_bytes(model_tensors(model) if tensors is None else tensors)
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process's own address space so far.
+
+    Linux: `VmHWM` from /proc/self/status. Not `ru_maxrss`: the kernel folds the pre-exec address
+    space's high-water mark into ru_maxrss, so a worker started with the "spawn" method (fork + exec)
+    would report its parent's peak at fork time whenever that is larger: a parent holding the baseline's
+    log-probabilities made every quantized worker look gigabytes bigger. Elsewhere: ru_maxrss (KiB on
+    Linux, bytes on macOS)."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 
