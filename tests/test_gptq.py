@@ -7,7 +7,7 @@ import torch
 from quantscope.formats.packing import unpack_bits
 from quantscope.formats.qtensor import quantize_tensor
 from quantscope.formats.spec import parse_format
-from quantscope.methods.gptq import GPTQ, gptq_quantize, split_rows
+from quantscope.methods.gptq import GPTQ, _gram, gptq_quantize, split_rows
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +140,11 @@ def test_split_rows_of_stacked_weights():
     assert torch.equal(torch.cat([p.dequantize() for p in parts]), res.weight)
     with pytest.raises(ValueError):
         split_rows(res.qtensor, [16, 8])
+
+
+@pytest.mark.parametrize("cols", [7, 255, 576, 600, 1536])
+def test_block_triangle_gram_equals_full_product(cols):
+    x = torch.randn(300, cols, dtype=torch.float64)
+    g = _gram(x)
+    assert torch.equal(g, g.t())
+    torch.testing.assert_close(g, x.t() @ x, rtol=1e-12, atol=1e-9)
