@@ -19,8 +19,10 @@ from _common import shared, write
 from quantscope.cli import comparison_table
 from quantscope.compare import CompareConfig, compare
 from quantscope.evaluate.stats import paired_bootstrap_ci, significant
+from quantscope.registry import resolve_format
 
-FORMATS = "int4-g128,gptq-int4-g128,awq-int4-g128,awq+gptq-int4-g128,int3-g128,gptq-int3-g128,awq-int3-g128,awq+gptq-int3-g128"
+FORMATS = ("int4-g128,gptq-int4-g128,gptq-int4-g128-act,awq-int4-g128,awq+gptq-int4-g128,"
+           "int3-g128,gptq-int3-g128,gptq-int3-g128-act,awq-int3-g128,awq+gptq-int3-g128")
 
 
 def window_kld(r):
@@ -48,7 +50,7 @@ def main() -> int:
     for name, r in by.items():
         if r.get("spec", {}).get("method", "rtn") == "rtn":
             continue
-        rtn = name.split("-", 1)[1]
+        rtn = resolve_format(name).rtn().name  # the round-to-nearest format of the same storage
         if rtn not in by:
             continue
         d, lo, hi = paired_bootstrap_ci(window_kld(by[rtn]), window_kld(r))
