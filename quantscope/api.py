@@ -22,9 +22,12 @@ __all__ = ["CompareConfig", "compare", "load_model", "LoadedModel", "quantize", 
 
 
 def quantize(model: torch.nn.Module, fmt: str | FormatSpec, include: Iterable[str] = (),
-             exclude: Iterable[str] = (), calib: list[torch.Tensor] | None = None) -> torch.nn.Module:
+             exclude: Iterable[str] = (), calib: list[torch.Tensor] | None = None,
+             source: str | None = None) -> torch.nn.Module:
     """Quantize `model` into `fmt` (any own or backend format name). Calibrated formats need `calib`:
-    a list of 1-D token-id tensors. Returns the quantized model (the same object for own formats)."""
+    a list of 1-D token-id tensors. llama.cpp formats (`llamacpp-*`) start from the model's GGUF file:
+    `source` is the reference `model` was loaded from ('default' or a .gguf path). Returns the
+    quantized model (the same object for own formats)."""
     from .errors import QuantscopeError
     from .model.swap import apply_plan, select_modules, uniform_plan
 
@@ -43,7 +46,8 @@ def quantize(model: torch.nn.Module, fmt: str | FormatSpec, include: Iterable[st
         from .backends import load_backend
 
         chosen = set(select_modules(model, include, exclude))
-        return load_backend(spec.name).quantize(model, spec, lambda n, m: n in chosen, calib)
+        extra = {"source": source} if spec.needs_source else {}
+        return load_backend(spec.name).quantize(model, spec, lambda n, m: n in chosen, calib, **extra)
     if spec.calibrated:
         if not calib:
             raise QuantscopeError(f"format '{spec.name}' is calibrated: pass calib token sequences")

@@ -57,8 +57,8 @@ class CompareConfig:
     dtype: str = "float32"  # baseline dtype
     threads: int | None = None  # torch threads in workers (None: torch's default)
     trust_remote_code: bool = False
-    tasks: tuple[tuple[str, str], ...] = ()  # (task name, path) pairs, see evaluate.tasks
-    task_limit: int | None = None
+    tasks: tuple[tuple, ...] = ()  # (task name, path) or (task name, path, limit) tuples, see evaluate.tasks
+    task_limit: int | None = None  # questions per task, for tasks that do not give their own limit
     task_sample_seed: int | None = None
     task_shots: int = 0
     ctx_sweep: tuple[int, ...] = ()  # extra context lengths: perplexity and KLD at each (long context)
@@ -194,8 +194,9 @@ def prepare(config: CompareConfig) -> Prepared:
     if config.tasks:
         from .evaluate.tasks import load_task
 
-        for tname, tpath in config.tasks:
-            tasks.append(load_task(tname, tpath, limit=config.task_limit, sample_seed=config.task_sample_seed,
+        for tname, tpath, *own_limit in config.tasks:
+            limit = own_limit[0] if own_limit else config.task_limit
+            tasks.append(load_task(tname, tpath, limit=limit, sample_seed=config.task_sample_seed,
                                    shots=config.task_shots if tname == "mmlu" else 0))
     sweep = {}
     for L in config.ctx_sweep:
@@ -327,7 +328,13 @@ def _quantize(model, spec, job: Job, notes: list[str], record: dict | None = Non
         backend = load_backend(spec.name)
         chosen = set(select_modules(model, job.include, job.exclude))
         calib = list(job.calib) if job.calib is not None else None
-        model = backend.quantize(model, spec, lambda n, m: n in chosen, calib)
+        extra = {}
+        if spec.needs_source:  # an engine of its own (llama.cpp): it starts from the model's file
+            extra = {"source": job.model_ref,
+                     "n_ctx": max([job.windows.shape[1], *(int(c) for c in job.sweep_windows)])}
+        model = backend.quantize(model, spec, lambda n, m: n in chosen, calib, **extra)
+        if record is not None and hasattr(backend, "describe"):
+            record.update(backend.describe(model))
         return model, list(backend.storage_tensors(model))
     if spec.calibrated:
         from .methods.calibrate import quantize_calibrated
@@ -445,6 +452,10 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
         t0 = time.perf_counter()
         qmodel, storage = _quantize(qmodel, spec, job, notes, rec)
         qsec = time.perf_counter() - t0
+        # an engine of its own reports its quantizer's time alone (not the one-off export to its format)
+        own = getattr(qmodel, "quantscope_quantize_seconds", None)
+        qsec = qsec if own is None else own
+        lm.model = qmodel  # a backend that replaced the torch model lets the baseline's weights go
     qmodel.eval()
     bar = None
     if progress is None and job.progress:

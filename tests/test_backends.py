@@ -16,7 +16,8 @@ from quantscope.backends import (BACKEND_FORMATS, available, backend_format, lis
 from quantscope.backends._common import walk_storage
 from quantscope.errors import QuantscopeError
 
-RUNNABLE = [f for f in BACKEND_FORMATS.values() if f.unsupported_reason is None]
+# llama.cpp formats start from a GGUF file, not a torch model: tested on the embedded model below
+RUNNABLE = [f for f in BACKEND_FORMATS.values() if f.unsupported_reason is None and not f.needs_source]
 
 # Cosine similarity of the logits with the FP32 baseline that each code width must reach on the
 # tiny random model (measured: 8-bit >= 0.999, 5/4-bit 0.97-0.998, 3-bit 0.94, 2-bit 0.69-0.85).
@@ -71,7 +72,7 @@ def test_importing_the_table_imports_no_backend_library():
 def test_table_entries_are_consistent():
     assert len({f.name for f in BACKEND_FORMATS.values()}) == len(BACKEND_FORMATS)
     for name, fmt in BACKEND_FORMATS.items():
-        assert name == fmt.name and 1 <= fmt.nominal_bits <= 8 and fmt.description
+        assert name == fmt.name and (1 <= fmt.nominal_bits <= 8 or name == "llamacpp-f32") and fmt.description
         assert f"quantscope[{fmt.extra}]" in fmt.install_hint
         if fmt.unsupported_reason is None:  # a runnable format names a real adapter module
             assert importlib.util.find_spec(fmt.module) is not None
@@ -108,7 +109,7 @@ def test_missing_backend_raises_with_install_hint(monkeypatch, name, import_name
 
 @pytest.mark.parametrize("name,needle", [("torchao-int4wo-g128", "mslk"),
                                          ("llmc-gptq-int4-g128", "transformers 5.17"),
-                                         ("gguf-q4_k_m", "llama-cpp-python")])
+                                         ("gguf-q4_k_m", "llamacpp-q4_k_m")])
 def test_unsupported_format_raises_its_reason(name, needle):
     with pytest.raises(QuantscopeError, match=needle):
         load_backend(name)
@@ -241,3 +242,56 @@ def test_list_backend_formats_rows_cover_the_table():
     assert [r["name"] for r in rows] == list(BACKEND_FORMATS)
     llmc = next(r for r in rows if r["name"] == "llmc-awq-int4-g128")
     assert llmc["available"] is False and "transformers" in llmc["status"]
+
+
+# --- llama.cpp ----------------------------------------------------------------------------------
+
+def test_f32_gguf_copy_keeps_metadata_and_dequantizes_every_tensor(tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+    from quantscope.backends.llamacpp import write_f32_gguf
+
+    rng = np.random.default_rng(0)
+    src, dest = tmp_path / "m.gguf", tmp_path / "m-F32.gguf"
+    w = GGUFWriter(str(src), "llama")
+    w.add_file_type(7)
+    w.add_block_count(1)
+    w.add_token_list(["<a>", "b", "c"])
+    w.add_string("general.name", "tiny")
+    raw = {}
+    for name, qt in (("blk.0.attn_q.weight", GGMLQuantizationType.Q8_0),
+                     ("blk.0.ffn_up.weight", GGMLQuantizationType.Q4_0)):
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        raw[name] = (quants.quantize(x, qt), qt)
+        w.add_tensor(name, raw[name][0], raw_dtype=qt)
+    norm = rng.standard_normal(64).astype(np.float32)
+    w.add_tensor("blk.0.attn_norm.weight", norm)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    write_f32_gguf(src, dest)
+    r = GGUFReader(str(dest))
+    assert r.fields["general.file_type"].contents() == 0  # ALL_F32
+    assert r.fields["general.name"].contents() == "tiny"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == ["<a>", "b", "c"]
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(raw) | {"blk.0.attn_norm.weight"}
+    for name, (blocks, qt) in raw.items():
+        assert got[name].tensor_type == GGMLQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(got[name].data), quants.dequantize(blocks, qt))
+    np.testing.assert_array_equal(np.asarray(got["blk.0.attn_norm.weight"].data), norm)
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob("*.tmp*"))  # atomic
+
+
+def test_llamacpp_needs_a_gguf_source_and_the_default_selection():
+    from quantscope.backends import llamacpp
+
+    model = _tiny_llama()
+    fmt = BACKEND_FORMATS["llamacpp-q4_k_m"]
+    with pytest.raises(QuantscopeError, match="GGUF source"):
+        llamacpp.quantize(model, fmt, lambda n, m: ".layers." in f".{n}", source="/no/such/folder")
+    with pytest.raises(QuantscopeError, match="--include/--exclude"):
+        llamacpp.quantize(model, fmt, lambda n, m: n.endswith("q_proj"), source="default")

@@ -50,3 +50,23 @@ def test_embedded_int8_close_and_int4_further(embedded):
     s4 = score_windows(q4, win, reference=base).summary()
     assert s4["kld_mean"] > s8["kld_mean"]
     assert weight_bytes(q4) < weight_bytes(base) / 2.5
+
+
+def test_llama_cpp_rows_through_the_harness(tmp_path):
+    """llama.cpp's own quantizer and kernels under the protocol: its F32 run of the baseline agrees
+    with the torch baseline (engine noise only), Q8_0 is close and smaller, Q4_K_M further."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'quantscope[llamacpp]'")
+    from quantscope.compare import CompareConfig, compare
+
+    cfg = CompareConfig(formats=("fp32", "llamacpp-f32", "llamacpp-q8_0", "llamacpp-q4_k_m"), windows=2,
+                        ctx=128, threads=2)
+    records, _ = compare(cfg, run_dir=str(tmp_path / "run"))
+    by = {r["format"]: r for r in records}
+    assert not any(r.get("error") for r in records), [r.get("error") for r in records]
+    assert by["llamacpp-f32"]["kld_mean"] < 1e-3 and by["llamacpp-f32"]["top1_agreement"] > 0.97
+    assert abs(by["llamacpp-f32"]["perplexity"] / by["fp32"]["perplexity"] - 1) < 0.01
+    assert by["llamacpp-f32"]["kld_mean"] < by["llamacpp-q8_0"]["kld_mean"] < by["llamacpp-q4_k_m"]["kld_mean"]
+    assert by["llamacpp-q4_k_m"]["weight_bytes"] < by["llamacpp-q8_0"]["weight_bytes"] < by["fp32"]["weight_bytes"]
+    assert by["llamacpp-q8_0"]["backend"] == "llama.cpp" and by["llamacpp-q8_0"]["backend_version"]
+    assert by["llamacpp-q4_k_m"]["gguf_tensor_types"].get("F32", 0) >= 1  # norms and the embedding
+    assert by["llamacpp-q8_0"]["decode_tokens_per_s"] > 0 and by["llamacpp-q8_0"]["prefill_tokens_per_s"] > 0

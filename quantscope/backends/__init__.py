@@ -1,7 +1,7 @@
 """Adapters to the quantization libraries people deploy, behind one pure-data table.
 
 `BACKEND_FORMATS` names every backend format quantscope knows (bitsandbytes, torchao, HQQ,
-optimum-quanto, llm-compressor, llama.cpp's GGUF block formats). Importing this module imports no
+optimum-quanto, llm-compressor, llama.cpp's GGUF block formats through gguf-py, and llama.cpp itself). Importing this module imports no
 backend library: `available(name)` asks `importlib.util.find_spec` whether the library is there and
 `load_backend(name)` imports the adapter module only when asked, raising `QuantscopeError` with the
 install hint when the library is missing or the format cannot run on this machine.
@@ -37,10 +37,6 @@ _LLMC_REASON = (
     "virtualenv; also its W4A16 g128 preset rejects layers whose input width (576 on the embedded "
     "model) is not a multiple of 128"
 )
-_LLAMA_CPP = (
-    "producing it needs llama.cpp's own quantizer (llama-quantize / llama-cpp-python), and "
-    "llama-cpp-python has no wheel for this machine (it builds from source in ~10 min)"
-)
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,7 @@ class BackendFormat:
     needs_calibration: bool = False
     unsupported_reason: str | None = None  # why it cannot run here, when known in advance
     options: tuple[tuple[str, object], ...] = ()  # adapter parameters (quant type, group size...)
+    needs_source: bool = False  # quantize() also takes source= (the model reference) and n_ctx=
 
     @property
     def install_hint(self) -> str:
@@ -105,8 +102,17 @@ def _gguf(name: str, bits: int, qtype: str, desc: str, reason: str | None = None
 
 
 def _gguf_k(name: str, bits: int, qtype: str, desc: str) -> BackendFormat:
-    reason = f"gguf-py 0.19 can dequantize {qtype} but not quantize to it; {_LLAMA_CPP}"
+    reason = (f"gguf-py 0.19 can dequantize {qtype} but not quantize to it; llama.cpp's own quantizer "
+              f"and kernels run it as llamacpp-{name.removeprefix('gguf-')} (pip install "
+              "'quantscope[llamacpp]', which compiles llama.cpp: ~10 min)")
     return _gguf(name, bits, qtype, desc, reason)
+
+
+def _llamacpp(name: str, bits: int, ftype: str, desc: str) -> BackendFormat:
+    return BackendFormat(
+        name, "llama.cpp", "quantscope.backends.llamacpp", "llama_cpp", "llama-cpp-python", "llamacpp",
+        bits, f"{desc}; quantized by llama.cpp from the baseline written to F32 GGUF, run by its CPU "
+        "kernels (token embedding kept F32)", options=(("ftype", ftype),), needs_source=True)
 
 
 BACKEND_FORMATS: dict[str, BackendFormat] = _fmts(
@@ -163,6 +169,16 @@ BACKEND_FORMATS: dict[str, BackendFormat] = _fmts(
     _gguf_k("gguf-iq4_nl", 4, "IQ4_NL", "IQ4_NL: non-linear 4-bit codebook, blocks of 32"),
     _gguf_k("gguf-q3_k_m", 3, "Q3_K", "Q3_K_M: llama.cpp's Q3_K/Q4_K/Q5_K tensor mix"),
     _gguf_k("gguf-q2_k", 2, "Q2_K", "Q2_K: 2-bit k-quant, super-blocks of 256"),
+    _llamacpp("llamacpp-f32", 32, "F32", "F32: the baseline itself in llama.cpp (the engine's own "
+              "numerical difference from the torch baseline)"),
+    _llamacpp("llamacpp-q8_0", 8, "Q8_0", "Q8_0: int8 codes, fp16 scale per block of 32"),
+    _llamacpp("llamacpp-q6_k", 6, "Q6_K", "Q6_K: 6-bit k-quant, super-blocks of 256"),
+    _llamacpp("llamacpp-q5_k_m", 5, "Q5_K_M", "Q5_K_M: llama.cpp's Q5_K/Q6_K tensor mix"),
+    _llamacpp("llamacpp-q4_k_m", 4, "Q4_K_M", "Q4_K_M: llama.cpp's Q4_K/Q6_K tensor mix"),
+    _llamacpp("llamacpp-q4_0", 4, "Q4_0", "Q4_0: 4-bit codes, fp16 scale per block of 32"),
+    _llamacpp("llamacpp-iq4_nl", 4, "IQ4_NL", "IQ4_NL: non-linear 4-bit codebook, blocks of 32"),
+    _llamacpp("llamacpp-q3_k_m", 3, "Q3_K_M", "Q3_K_M: llama.cpp's Q3_K/Q4_K/Q5_K tensor mix"),
+    _llamacpp("llamacpp-q2_k", 2, "Q2_K", "Q2_K: 2-bit k-quant, super-blocks of 256 (no importance matrix)"),
 )
 
 
