@@ -418,7 +418,7 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
 
     `refs` exchanges the baseline's log-probabilities (ReferenceStore in-process, a pipe in a worker)."""
     from .evaluate.perplexity import score_windows
-    from .measure.memory import model_tensors, peak_rss_bytes, tensor_bytes, weight_bytes
+    from .measure.memory import peak_rss_bytes, reset_peak_rss, tensor_bytes, weight_bytes
     from .measure.speed import measure_speed
     from .model.load import load_model
     from .model.swap import select_modules
@@ -438,6 +438,7 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
     other_bytes = base_bytes - tensor_bytes(sel_tensors)
     del mods, sel_tensors  # hold no references to the float weights that quantization replaces
     export = None
+    peak_before = 0  # the process's peak before a reset of the count (quantization's own peak)
     if job.is_baseline:
         qmodel, reference, qsec, storage = base, None, 0.0, None
         if job.ref_mode == "export" and refs is not None:
@@ -449,9 +450,16 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
             base = None
         else:
             qmodel, reference = copy.deepcopy(base), base
+        gc.collect()
+        peak_before = peak_rss_bytes()
+        phase_peak = reset_peak_rss()
+        rss_before = peak_rss_bytes()  # just after the reset, the peak is the current RSS
         t0 = time.perf_counter()
         qmodel, storage = _quantize(qmodel, spec, job, notes, rec)
         qsec = time.perf_counter() - t0
+        if phase_peak:  # the quantization's own peak, next to where it started from
+            rec["rss_before_quantize_bytes"] = rss_before
+            rec["quantize_peak_rss_bytes"] = peak_rss_bytes()
         # an engine of its own reports its quantizer's time alone (not the one-off export to its format)
         own = getattr(qmodel, "quantscope_quantize_seconds", None)
         qsec = qsec if own is None else own
@@ -508,7 +516,7 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
                     if k != "generated"})
     else:
         rec["prefill_tokens_per_s"] = rec["decode_tokens_per_s"] = None
-    rec["peak_rss_bytes"] = peak_rss_bytes()
+    rec["peak_rss_bytes"] = max(peak_before, peak_rss_bytes())
     if isinstance(spec, BackendFormat):
         from .backends import load_backend
 

@@ -39,7 +39,9 @@ RECORD_FIELDS = (
 
 # Extra fields: `baseline` (bool), `backend`, `backend_version`, `quantized_params`,
 # `quantized_bytes`, `window_nll` / `window_tokens` / `window_kld` (per-window sums, for paired
-# statistics), `tasks` (issue 5), `error` (why a format was skipped), `notes` (list of str).
+# statistics), `tasks` (issue 5), `error` (why a format was skipped), `notes` (list of str),
+# `rss_before_quantize_bytes` / `quantize_peak_rss_bytes` (the quantization's own peak, Linux),
+# `gguf_tensor_types` (llama.cpp rows: tensors per ggml type in the file llama.cpp ran).
 
 Record = dict[str, Any]
 

@@ -35,3 +35,16 @@ def test_spawned_worker_does_not_report_the_parents_peak():
     del big
     # the child imports torch (a few hundred MB); it never held the parent's gigabyte
     assert 0 < child < parent_rss - (512 << 20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs is Linux's")
+def test_reset_peak_measures_one_phase():
+    from quantscope.measure.memory import reset_peak_rss
+
+    big = bytearray(512 << 20)
+    for i in range(0, len(big), 4096):
+        big[i] = 1
+    before = peak_rss_bytes()
+    del big
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < before - (256 << 20)  # the freed half-gigabyte is no longer the peak

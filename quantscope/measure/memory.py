@@ -76,6 +76,18 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count from its current RSS (Linux: "5" to /proc/self/clear_refs),
+    so the peak of one phase (quantization) can be read on its own. False where unsupported; callers
+    keep the earlier peak themselves (max of before and after) if they still need the whole process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
