@@ -537,7 +537,8 @@ def quiet_library_logs() -> None:
     import logging
     import warnings
 
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "transformers.modeling_utils"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "transformers.modeling_utils",
+                 "llama-cpp-python"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

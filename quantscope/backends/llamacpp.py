@@ -21,6 +21,13 @@ evaluator as a torch model. llama-cpp-python has no wheel for this machine: ``pi
 llama-cpp-python`` compiles llama.cpp (about 10 minutes on 2 cores), hence an optional extra outside
 ``[all]``. Only GGUF-sourced models are supported: writing a Hugging Face folder to GGUF is llama.cpp's
 ``convert_hf_to_gguf.py``, which is not part of any pip package.
+
+Build note: llama-cpp-python's default build compiles for the build machine (``-march=native``). On
+this workplace's virtual machines the CPU reports AMX but executing AMX tile instructions raises
+SIGILL (ggml's AMX kernels serve Q4_0/Q4_1/Q8_0 weights), so build without AMX:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python``. A worker that dies
+this way is a row with the signal, not a crashed comparison.
 """
 
 from __future__ import annotations
@@ -108,8 +115,11 @@ def f32_gguf(src: Path) -> Path:
 
 def quantize_file(src_f32: Path, dest: Path, ftype: str, threads: int) -> None:
     """llama.cpp's quantizer: `src_f32` to `dest` in llama_ftype `ftype`, token embedding kept F32."""
+    import logging
+
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # not a line per tensor on stderr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = threads
