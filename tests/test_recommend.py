@@ -16,7 +16,8 @@ from quantscope.recommend import (
 )
 
 SIZES = {
-    "bf16": 1000, "int8": 500, "int4-g128": 270, "nf4": 265, "gptq-int4-g128": 270, "awq-int4-g128": 270,
+    "bf16": 1000, "int8": 500, "int4-g128": 270, "nf4": 265, "gptq-int4-g128-act": 270, "awq-int4-g128": 270,
+    "awq+gptq-int4-g128": 270,
     "mixed-5.0": 320, "mixed-6.0": 380, "mixed-7.0": 440,
 }  # fmt: skip
 BASE_PPL = 10.0
@@ -47,7 +48,8 @@ GOOD, BAD = (0.1, 0.5), (3.0, 6.0)
 
 def fake(**ci):
     """Every format good unless given; ci maps format (with _ for -) to its % CI."""
-    return FakeMeasure({f: rec(f, ci.get(f.replace("-", "_").replace(".", "_"), GOOD)) for f in SIZES})
+    return FakeMeasure({f: rec(f, ci.get(f.replace("-", "_").replace(".", "_").replace("+", "_"), GOOD))
+                        for f in SIZES})
 
 
 def test_stops_as_soon_as_the_smallest_passing_format_is_certain():
@@ -58,25 +60,27 @@ def test_stops_as_soon_as_the_smallest_passing_format_is_certain():
     assert m.calls == ["int8", "nf4"]
     assert d.chosen == "nf4" and d.meets_target
     skipped = {t.format: t.why for t in d.trail if t.verdict == "skipped"}
-    assert set(skipped) == {"int4-g128", "gptq-int4-g128", "awq-int4-g128", "mixed-5.0", "mixed-6.0"}
-    assert "not smaller than nf4" in skipped["gptq-int4-g128"]
+    assert set(skipped) == {"int4-g128", "gptq-int4-g128-act", "awq-int4-g128", "awq+gptq-int4-g128",
+                            "mixed-5.0", "mixed-6.0"}
+    assert "not smaller than nf4" in skipped["gptq-int4-g128-act"]
 
 
 def test_calibrated_step_when_round_to_nearest_fails():
     m = fake(int4_g128=BAD, nf4=BAD)
     d = recommend(Target(max_ppl_increase_pct=2), m, DEFAULT_LADDER, size_of=SIZES.__getitem__)
-    assert d.chosen == "gptq-int4-g128"
-    assert m.calls == ["int8", "nf4", "int4-g128", "gptq-int4-g128"]  # awq is the same size: skipped
+    assert d.chosen == "gptq-int4-g128-act"
+    assert m.calls == ["int8", "nf4", "int4-g128", "gptq-int4-g128-act"]  # awq is the same size: skipped
     verdicts = {t.format: t.verdict for t in d.trail}
     assert verdicts == {"int8": "pass", "int4-g128": "fail", "nf4": "fail",
-                        "gptq-int4-g128": "pass", "awq-int4-g128": "skipped"}  # fmt: skip
+                        "gptq-int4-g128-act": "pass", "awq-int4-g128": "skipped",
+                        "awq+gptq-int4-g128": "skipped"}  # fmt: skip
     # each measured step carries its numbers
     int8 = next(t for t in d.trail if t.format == "int8")
     assert int8.numbers["weight_bytes"] == 500 and int8.numbers["checked_upper"] == pytest.approx(0.5)
 
 
 def test_mixed_precision_at_the_smallest_budget_that_passes():
-    four_bit_bad = dict(int4_g128=BAD, nf4=BAD, gptq_int4_g128=BAD, awq_int4_g128=BAD, mixed_5_0=BAD)
+    four_bit_bad = dict(int4_g128=BAD, nf4=BAD, gptq_int4_g128_act=BAD, awq_int4_g128=BAD, awq_gptq_int4_g128=BAD, mixed_5_0=BAD)
     m = fake(**four_bit_bad)
     ladder = recipe_ladder(mixed=("mixed-5.0", "mixed-6.0", "mixed-7.0"))
     d = recommend(Target(max_ppl_increase_pct=2), m, ladder, size_of=SIZES.__getitem__)
@@ -123,7 +127,7 @@ def test_int8_failing_falls_back_to_the_widest_format_without_measuring_smaller_
 
 
 def test_memory_limit_skips_formats_that_cannot_fit_and_falls_back_to_the_widest_that_fits():
-    m = fake(int4_g128=BAD, nf4=BAD, gptq_int4_g128=BAD, awq_int4_g128=BAD)
+    m = fake(int4_g128=BAD, nf4=BAD, gptq_int4_g128_act=BAD, awq_int4_g128=BAD, awq_gptq_int4_g128=BAD)
     d = recommend(Target(max_ppl_increase_pct=2, memory_bytes=300), m, DEFAULT_LADDER, size_of=SIZES.__getitem__)
     assert "int8" not in m.calls and "bf16" not in m.calls
     # nothing that fits meets the target: the widest that fits (270 bytes, earliest in the recipe)
@@ -142,12 +146,13 @@ def test_impossible_memory_budget_names_the_closest_format():
 
 
 def test_prefer_fastest_measures_every_fitting_candidate_and_picks_the_fastest():
-    speeds = {"int8": 30.0, "int4-g128": 50.0, "nf4": 20.0, "gptq-int4-g128": 45.0, "awq-int4-g128": 44.0}
+    speeds = {"int8": 30.0, "int4-g128": 50.0, "nf4": 20.0, "gptq-int4-g128-act": 45.0, "awq-int4-g128": 44.0,
+              "awq+gptq-int4-g128": 40.0}
     records = {f: rec(f, GOOD, decode_tokens_per_s=s) for f, s in speeds.items()}
     records["int4-g128"] = rec("int4-g128", BAD, decode_tokens_per_s=50.0)  # fastest, but fails
     m = FakeMeasure(records)
     d = recommend(Target(max_ppl_increase_pct=2, prefer="fastest"), m, DEFAULT_LADDER, size_of=SIZES.__getitem__)
-    assert d.chosen == "gptq-int4-g128"
+    assert d.chosen == "gptq-int4-g128-act"
     assert sorted(m.calls) == sorted(speeds)
 
 
@@ -192,4 +197,5 @@ def test_decision_serialises_its_trail():
     d = recommend(Target(max_ppl_increase_pct=2), fake(), DEFAULT_LADDER, size_of=SIZES.__getitem__)
     out = d.to_dict()
     assert out["chosen"] == "nf4" and out["target"]["max_ppl_increase_pct"] == 2
-    assert [t["format"] for t in out["trail"]] == ["int8", "nf4", "int4-g128", "gptq-int4-g128", "awq-int4-g128"]
+    assert [t["format"] for t in out["trail"]] == ["int8", "nf4", "int4-g128", "gptq-int4-g128-act", "awq-int4-g128",
+                                                  "awq+gptq-int4-g128"]
