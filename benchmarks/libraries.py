@@ -21,13 +21,15 @@ from _common import shared, write
 from quantscope.cli import comparison_table
 from quantscope.compare import CompareConfig, compare
 
+# gguf-py's Q8_0/Q4_0/Q4_1 rows (gguf-q8_0, ...) are left out: llama.cpp runs the same block types with
+# its own kernels here, while the gguf-py path dequantizes every weight on every call (~2 s a forward)
 GROUPS = {
     # llama.cpp running the baseline itself (F32): the engine's own numerical distance from torch
     "ref": "bf16,llamacpp-f32",
-    "8": "int8,fp8-e4m3,bnb-int8,torchao-int8wo,torchao-int8dq,quanto-int8,quanto-fp8,gguf-q8_0,llamacpp-q8_0",
+    "8": "int8,fp8-e4m3,bnb-int8,torchao-int8wo,torchao-int8dq,quanto-int8,quanto-fp8,llamacpp-q8_0",
     "6": "llamacpp-q6_k,llamacpp-q5_k_m",
     "4": "int4-g128,int4-g64,nf4,gptq-int4-g128,awq-int4-g128,bnb-nf4,bnb-fp4,hqq-int4-g64,quanto-int4,"
-         "torchao-int4wo-g32,gguf-q4_0,gguf-q4_1,gguf-q4_k_m,llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-iq4_nl,"
+         "torchao-int4wo-g32,gguf-q4_k_m,llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-iq4_nl,"
          "llmc-gptq-int4-g128,llmc-awq-int4-g128",
     "3": "int3-g128,int3-g64,gptq-int3-g128,hqq-int3-g64,gguf-q3_k_m,llamacpp-q3_k_m,llamacpp-q2_k",
 }
