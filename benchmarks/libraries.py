@@ -4,8 +4,9 @@
 
 Same model, text and windows as benchmarks/core_formats.py (WikiText-2 test, ctx 512, 32 windows from
 the start; the run directory is shared, so formats already measured there are reused, not re-run).
-Calibrated formats (quantscope's GPTQ/AWQ; llm-compressor's are listed with the reason they cannot run
-here) calibrate on 128 x 512 tokens of the Python docs text, so the evaluation windows stay the same.
+quantscope's calibrated formats are a separate group (`--group cal`; benchmarks/calibrated.py compares them
+in full); they calibrate on 128 x 512 tokens of the Python docs text, so the evaluation windows stay the
+same. llm-compressor's rows are listed with the reason they cannot run here.
 llama.cpp rows need llama-cpp-python (pip install 'quantscope[llamacpp]'); without it they are rows
 with the install hint.
 Rows sorted by bits per weight. Writes benchmarks/results/libraries.json.
@@ -28,10 +29,12 @@ GROUPS = {
     "ref": "bf16,llamacpp-f32",
     "8": "int8,fp8-e4m3,bnb-int8,torchao-int8wo,torchao-int8dq,quanto-int8,quanto-fp8,llamacpp-q8_0",
     "6": "llamacpp-q6_k,llamacpp-q5_k_m",
-    "4": "int4-g128,int4-g64,nf4,gptq-int4-g128,awq-int4-g128,bnb-nf4,bnb-fp4,hqq-int4-g64,quanto-int4,"
+    "4": "int4-g128,int4-g64,nf4,bnb-nf4,bnb-fp4,hqq-int4-g64,quanto-int4,"
          "torchao-int4wo-g32,gguf-q4_k_m,llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-iq4_nl,"
          "llmc-gptq-int4-g128,llmc-awq-int4-g128",
-    "3": "int3-g128,int3-g64,gptq-int3-g128,hqq-int3-g64,gguf-q3_k_m,llamacpp-q3_k_m,llamacpp-q2_k",
+    "3": "int3-g128,int3-g64,hqq-int3-g64,gguf-q3_k_m,llamacpp-q3_k_m,llamacpp-q2_k",
+    # quantscope's calibrated formats (pass --group cal; their full comparison is benchmarks/calibrated.py)
+    "cal": "gptq-int4-g128-act,awq-int4-g128,gptq-int3-g128-act",
 }
 
 
@@ -41,7 +44,7 @@ def main() -> int:
     ap.add_argument("--group", default="all", choices=["all", *GROUPS])
     ap.add_argument("--out", default="benchmarks/runs/core_formats")
     args = ap.parse_args()
-    names = ",".join(GROUPS.values()) if args.group == "all" else GROUPS[args.group]
+    names = ",".join(v for k, v in GROUPS.items() if k != "cal") if args.group == "all" else GROUPS[args.group]
     cfg = CompareConfig(formats=tuple(names.split(",")), text=shared("wikitext2/wiki.test.raw"), ctx=512,
                         windows=args.windows, threads=2, calib="python-docs")
     records, meta = compare(cfg, on_record=lambda r: print(f"done: {r['format']}", file=sys.stderr, flush=True),
