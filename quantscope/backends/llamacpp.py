@@ -150,11 +150,16 @@ class LlamaCppLM(nn.Module):
     def _open(self, n_ctx: int) -> None:
         import llama_cpp
 
+        if self._llm is not None:
+            self._llm.close()
         self._llm = None
         self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx,
                                     n_ubatch=min(n_ctx, 512), n_threads=self.threads,
                                     n_threads_batch=self.threads, logits_all=True, verbose=False)
         self._n_ctx = n_ctx
+        # freed before interpreter teardown: llama-cpp-python's own finalizer fails once its
+        # module globals are gone (a TypeError printed at every worker's exit)
+        atexit.register(self._llm.close)
 
     def _ensure_ctx(self, n: int) -> None:
         if n > self._n_ctx:
