@@ -42,10 +42,10 @@ def comparison_table(records: list[dict]) -> str:
 
     head = ["format", "bits/w", "weights", "perplexity", "Δppl [95% CI]", "KLD mean", "KLD p99", "top-1",
             "prefill t/s", "decode t/s", "quant s", "peak RSS"]
-    rows = []
+    rows, skipped = [], []
     for r in records:
-        if r.get("error"):
-            rows.append([r["format"], "-", "-", "skipped: " + r["error"][:90]] + [""] * 8)
+        if r.get("error"):  # a line of its own after the columns: the reason never widens them
+            skipped.append((r["format"], "skipped: " + r["error"]))
             continue
         ci = r.get("perplexity_delta_ci")
         if r.get("baseline"):
@@ -66,9 +66,11 @@ def comparison_table(records: list[dict]) -> str:
             fmt_bytes(r.get("peak_rss_bytes")),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths[0] = max([widths[0]] + [len(f) for f, _ in skipped])
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"{f.ljust(widths[0])}  {why}" for f, why in skipped]
     return "\n".join(lines)
 
 
