@@ -178,3 +178,17 @@ def test_calibration_disjoint_or_warned(tiny_model_dir, tmp_path):
     assert other.jobs[1].common["window_start_token"] == 0
     assert other.jobs[1].common["calibration_overlap"] > 0.5
     assert any(n.startswith("WARNING") for n in other.notes)
+
+
+def test_skipped_format_reason_is_a_line_of_its_own():
+    from quantscope.cli import comparison_table
+
+    ok = {"format": "fp32", "baseline": True, "bits_per_weight": 32.0, "weight_bytes": 1 << 20,
+          "perplexity": 10.0, "perplexity_stderr": 0.1, "kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0,
+          "top1_agreement": 1.0}
+    why = "llm-compressor cannot run here: " + "a long reason " * 20
+    lines = comparison_table([{"format": "llmc-gptq-int4-g128", "error": why}, ok]).splitlines()
+    header, fp32, skipped = lines[0], lines[2], lines[3]
+    assert fp32.startswith("fp32") and skipped.startswith("llmc-gptq-int4-g128")
+    assert why.strip() in skipped  # the whole reason, not cut at 90 characters
+    assert len(header) < 200  # the reason does not widen the columns
