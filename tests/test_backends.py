@@ -295,3 +295,15 @@ def test_llamacpp_needs_a_gguf_source_and_the_default_selection():
         llamacpp.quantize(model, fmt, lambda n, m: ".layers." in f".{n}", source="/no/such/folder")
     with pytest.raises(QuantscopeError, match="--include/--exclude"):
         llamacpp.quantize(model, fmt, lambda n, m: n.endswith("q_proj"), source="default")
+
+
+def test_every_llamacpp_format_names_a_known_ftype():
+    from quantscope.backends.llamacpp import FTYPES
+
+    for fmt in BACKEND_FORMATS.values():
+        if fmt.needs_source:
+            assert fmt.option("ftype") in FTYPES, fmt.name
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        assert all(isinstance(getattr(llama_cpp, c), int) for c in FTYPES.values())

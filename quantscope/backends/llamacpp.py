@@ -50,10 +50,11 @@ from quantscope.backends import BackendFormat
 from quantscope.backends._common import Include, select_linears
 from quantscope.errors import QuantscopeError
 
-# llama.cpp's llama_ftype values (include/llama.h) and the ggml type of the token embedding
-FTYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17,
-          "Q6_K": 18, "IQ4_NL": 25}
-_GGML_TYPE_F32 = 0
+# the llama_ftype constant of llama-cpp-python for each format's `ftype` option
+FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+          "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K", "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+          "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+          "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL"}
 
 
 def version() -> str:
@@ -88,7 +89,7 @@ def write_f32_gguf(src: Path, dest: Path) -> None:
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        writer.add_file_type(FTYPES["F32"])
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         for t in reader.tensors:
             data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             writer.add_tensor(t.name, np.ascontiguousarray(data))
@@ -121,10 +122,10 @@ def quantize_file(src_f32: Path, dest: Path, ftype: str, threads: int) -> None:
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # not a line per tensor on stderr
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[ftype]
+    params.ftype = getattr(llama_cpp, FTYPES[ftype])
     params.nthread = threads
-    params.token_embedding_type = _GGML_TYPE_F32
-    params.output_tensor_type = _GGML_TYPE_F32
+    params.token_embedding_type = llama_cpp.GGML_TYPE_F32
+    params.output_tensor_type = llama_cpp.GGML_TYPE_F32
     rc = llama_cpp.llama_model_quantize(str(src_f32).encode(), str(dest).encode(), params)
     if rc != 0 or not dest.is_file():
         raise QuantscopeError(f"llama.cpp could not quantize {src_f32.name} to {ftype} (code {rc})")
