@@ -18,6 +18,15 @@ the whole scan: together about the size of the model quantized into each format 
 The KL formula is the one of :func:`quantscope.evaluate.perplexity.score_windows`; it is repeated here
 because that function recomputes the reference for every call, which would double the cost of a scan.
 
+Replaying the unchanged blocks. A probe changes nothing before its unit's first decoder block, so the
+reference pass records every block's output for the window and a probe replays the blocks before its
+unit from that record instead of computing them again (a probe of the last block, or of an untied
+``lm_head``, computes only what follows). The record is [tokens, hidden] per block and window
+(256 x 576 x 4 B x 30 blocks = 18 MB for SmolLM2). On the embedded model this removes about 40% of a
+scan's work; the result is the same tensor operations on the same inputs, so the KLDs are identical
+(tested against ``replay=False``). It relies only on the decoder blocks being called in order, each
+once per forward, which a hook checks: any other call pattern falls back to the full forward.
+
 Results can be cached on disk (:class:`SensitivityCache`), keyed by the model's fingerprint, the exact
 window tokens, the format, the units and the quantscope version: a scan of 200 layers costs minutes on
 a CPU, and mixed-precision allocations at several budgets over the same ladder need the same numbers.
@@ -137,6 +146,58 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, score_from: int) -> torch.Te
     return torch.log_softmax(logits[score_from - 1:-1], dim=-1)
 
 
+_BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def decoder_blocks(model: nn.Module) -> list[str]:
+    """Names of the decoder blocks (``model.layers.0`` ...) in order; [] unless numbered 0..n-1."""
+    found = {}
+    for name, _ in model.named_modules():
+        m = _BLOCK_NAME.search(name)
+        if m:
+            found.setdefault(int(m.group(1)), name)
+    return [found[i] for i in range(len(found))] if sorted(found) == list(range(len(found))) else []
+
+
+def first_block(model: nn.Module, unit: Unit, blocks: Sequence[str]) -> int:
+    """The first decoder block whose computation a probe of `unit` changes: the lowest block holding
+    one of its modules; len(blocks) for a unit that is only the output head; 0 for anything else."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    first = len(blocks)
+    for name in unit.modules:
+        b = block_index(name)
+        if b is not None and b < len(blocks):
+            first = min(first, b)
+        elif head is None or model.get_submodule(name) is not head:
+            return 0  # the embedding (or anything outside the blocks): everything after it changes
+    return first
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block: returns the output the block gave in the reference pass."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+def _record_blocks(model: nn.Module, blocks: Sequence[str], ids: torch.Tensor, score_from: int):
+    """The reference log-probabilities and each block's output ([] if a block ran other than once)."""
+    outputs: dict[int, list] = {i: [] for i in range(len(blocks))}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out))
+             for i, n in enumerate(blocks)]
+    try:
+        ref = _log_probs(model, ids, score_from)
+    finally:
+        for h in hooks:
+            h.remove()
+    once = all(len(v) == 1 for v in outputs.values())
+    return ref, [outputs[i][0] for i in range(len(blocks))] if once else []
+
+
 @dataclass(frozen=True)
 class SensitivityCache:
     """Scan results on disk, one JSON file per (model, windows, format, units, version)."""
@@ -169,9 +230,11 @@ class SensitivityCache:
 
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequence[FormatSpec],
                         units: Sequence[Unit], score_from: int = 1, cache: SensitivityCache | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> dict[str, list[dict]]:
+                        progress: Callable[[int, int], None] | None = None,
+                        replay: bool = True) -> dict[str, list[dict]]:
     """{format name: rows} for every format and unit, each row ``{"name", "modules", "format",
-    "params", "bytes", "kld", "kld_stderr"}`` in unit order (not ranked). Windows: a [n, ctx] LongTensor."""
+    "params", "bytes", "kld", "kld_stderr"}`` in unit order (not ranked). Windows: a [n, ctx] LongTensor.
+    ``replay`` reuses the reference pass's block outputs before each unit (same result, less work)."""
     formats = [_rtn_spec(f) for f in dict.fromkeys(formats)]
     if not units:
         raise QuantscopeError("no modules to scan: the selection is empty")
@@ -193,13 +256,18 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
     probes = [(f, u, _quantized_modules(model, u, f)) for f in todo for u in units]
     kld: dict[tuple[str, str], list[np.ndarray]] = {(f.name, u.name): [] for f, u, _ in probes}
     total, done = len(windows) * (1 + len(probes)), 0
+    blocks = decoder_blocks(model) if replay else []
+    start = {u.name: first_block(model, u, blocks) for u in units}
     with torch.inference_mode():
         for w in windows:
-            ref = _log_probs(model, w, score_from)
+            ref, recorded = _record_blocks(model, blocks, w, score_from)
             p_ref = ref.exp()
             done += 1
             for f, u, quantized in probes:
-                old = _put(model, quantized)
+                swap = dict(quantized)
+                if recorded:
+                    swap.update({blocks[i]: _Replay(recorded[i]) for i in range(start[u.name])})
+                old = _put(model, swap)
                 try:
                     logp = _log_probs(model, w, score_from)
                 finally:
@@ -209,7 +277,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            del ref, p_ref
+            del ref, p_ref, recorded
     for f in todo:
         rows = []
         for u in units:

@@ -56,7 +56,9 @@ def _bytes(tensors) -> int:
 
 
 def _require(fmt):
-    pytest.importorskip(fmt.import_name, reason=f"{fmt.backend} not installed: {fmt.install_hint}")
+    ok, why = available(fmt.name)
+    if not ok:
+        pytest.skip(why)
 
 
 def test_importing_the_table_imports_no_backend_library():
@@ -78,7 +80,7 @@ def test_table_entries_are_consistent():
             assert importlib.util.find_spec(fmt.module) is not None
         else:
             assert not available(name)[0] and fmt.unsupported_reason in available(name)[1]
-    for name in ("llmc-gptq-int4-g128", "llmc-awq-int4-g128", "torchao-int4wo-g128", "gguf-q4_k_m"):
+    for name in ("torchao-int4wo-g128", "gguf-q4_k_m"):
         assert BACKEND_FORMATS[name].unsupported_reason
 
 
@@ -108,7 +110,6 @@ def test_missing_backend_raises_with_install_hint(monkeypatch, name, import_name
 
 
 @pytest.mark.parametrize("name,needle", [("torchao-int4wo-g128", "mslk"),
-                                         ("llmc-gptq-int4-g128", "transformers 5.17"),
                                          ("gguf-q4_k_m", "llamacpp-q4_k_m")])
 def test_unsupported_format_raises_its_reason(name, needle):
     with pytest.raises(QuantscopeError, match=needle):
@@ -137,7 +138,10 @@ def test_backend_is_close_to_baseline_and_smaller(fmt, tiny):
     base, ids, ref = tiny
     mod = load_backend(fmt.name)
     assert mod.version()
-    model = mod.quantize(copy.deepcopy(base), fmt, _decoder_linears)
+    calib = None
+    if fmt.needs_calibration:
+        calib = list(torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2)))
+    model = mod.quantize(copy.deepcopy(base), fmt, _decoder_linears, calib)
     bytes_before_forward = _bytes(mod.storage_tensors(model))
     with torch.inference_mode():
         out = model(ids).logits
@@ -237,7 +241,10 @@ def test_empty_selection_is_an_error():
         load_backend(fmt.name).quantize(_tiny_llama(), fmt, lambda n, m: False)
 
 
-def test_list_backend_formats_rows_cover_the_table():
+def test_list_backend_formats_rows_cover_the_table(monkeypatch):
+    monkeypatch.delenv("QUANTSCOPE_LLMC_PYTHON", raising=False)
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is installed in this environment")
     rows = list_backend_formats()
     assert [r["name"] for r in rows] == list(BACKEND_FORMATS)
     llmc = next(r for r in rows if r["name"] == "llmc-awq-int4-g128")
@@ -307,3 +314,68 @@ def test_every_llamacpp_format_names_a_known_ftype():
         import llama_cpp
 
         assert all(isinstance(getattr(llama_cpp, c), int) for c in FTYPES.values())
+
+
+# --- llm-compressor (its own interpreter) ---------------------------------------------------------
+
+def test_llmc_without_its_interpreter_gives_the_setup_hint(monkeypatch, tmp_path):
+    monkeypatch.delenv("QUANTSCOPE_LLMC_PYTHON", raising=False)
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is installed in this environment")
+    with pytest.raises(QuantscopeError, match="QUANTSCOPE_LLMC_PYTHON is not set.*transformers 5.17"):
+        load_backend("llmc-gptq-int4-g64")
+    monkeypatch.setenv("QUANTSCOPE_LLMC_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(QuantscopeError, match="cannot be run"):
+        load_backend("llmc-gptq-int4-g64")
+    monkeypatch.setenv("QUANTSCOPE_LLMC_PYTHON", sys.executable)  # a Python without llmcompressor
+    ok, why = available("llmc-awq-int4-g64")
+    assert not ok and f"not installed in QUANTSCOPE_LLMC_PYTHON={sys.executable}" in why
+
+
+def test_llmc_codes_become_quantscope_storage(monkeypatch, tiny):
+    """The adapter's half in this process, with the worker replaced by one writing known codes: the
+    quantized model holds exactly those codes (in int4-g64 storage), the rescaled norm, and the
+    record fields; storing the scales in fp16 moves no weight by more than 2^-11 of its value."""
+    from safetensors.torch import save_file
+
+    from quantscope.backends import llmc
+    from quantscope.formats import integer
+
+    fmt = BACKEND_FORMATS["llmc-gptq-int4-g64"]
+    base, ids, ref = tiny
+    chosen = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    expected, calls = {}, []
+
+    def fake_worker(model_dir, calib_file, out_file, method, bits, group, ignore, threads=0):
+        from safetensors.torch import load_file
+
+        calls.append((method, bits, group, sorted(ignore), load_file(str(calib_file))["input_ids"].shape))
+        out = {}
+        for n in chosen:
+            w = base.get_submodule(n).weight.detach()
+            s, z = integer.minmax_params(w, 4, False, 64)
+            codes = integer.quantize_codes(w, s, z, 4, 64)
+            out[f"{n}.codes"], out[f"{n}.scales"], out[f"{n}.zeros"] = codes, s.float() * 1.0001, z.float()
+            expected[n] = (codes, s.float() * 1.0001, z.float())
+        out["model.layers.0.input_layernorm.weight.float"] = torch.full((128,), 2.0)
+        save_file(out, str(out_file))
+        return {"seconds": 1.5, "recipe": ["GPTQModifier"], "llmcompressor": "x", "changed_float": ["n"]}
+
+    monkeypatch.setattr(llmc, "run_worker", fake_worker)
+    calib = list(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(QuantscopeError, match="calibrated"):
+        llmc.quantize(copy.deepcopy(base), fmt, _decoder_linears, None)
+    model = llmc.quantize(copy.deepcopy(base), fmt, _decoder_linears, calib)
+    assert calls == [("gptq", 4, 64, ["lm_head"], (4, 16))]
+    for n in chosen:
+        codes, s, z = expected[n]
+        exact = (codes.float() - z.repeat_interleave(64, 1)) * s.repeat_interleave(64, 1)
+        got = model.get_submodule(n).dequantized_weight()
+        assert bool(((got - exact).abs() <= 2 ** -11 * exact.abs() + 1e-12).all())
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.full((128,), 2.0))
+    rec = llmc.describe(model)
+    assert rec["llmc_stored_as"] == "int4-g64" and rec["llmc_method"] == "gptq"
+    assert 0 < rec["llmc_max_abs_change"] <= 15 * 2 ** -11 * max(e[1].max() for e in expected.values())
+    assert model.quantscope_quantize_seconds == 1.5
+    with pytest.raises(QuantscopeError, match="in_features=48"):
+        llmc.quantize(nn.Sequential(nn.Linear(48, 64)), fmt, lambda n, m: True, calib)

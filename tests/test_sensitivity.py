@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_qwen
 from quantscope.errors import QuantscopeError
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats.spec import parse_format
 from quantscope.model.swap import apply_plan
-from quantscope.sensitivity import (SensitivityCache, layer_sensitivity, measure_sensitivity,
-                                    sensitivity_units)
+from quantscope.sensitivity import (SensitivityCache, decoder_blocks, first_block, layer_sensitivity,
+                                    measure_sensitivity, sensitivity_units)
 
 INT4 = parse_format("int4-g128")
 
@@ -104,3 +104,29 @@ def test_calibrated_and_unknown_inputs_are_refused():
         layer_sensitivity(model, windows(), INT4, unit="row")
     with pytest.raises(QuantscopeError, match="windows"):
         layer_sensitivity(model, torch.zeros(4, dtype=torch.long), INT4)
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(layers=3, tied=False), lambda: tiny_qwen()])
+def test_replaying_the_blocks_before_a_unit_gives_the_same_klds(build):
+    model = build()
+    w = windows(ctx=24)
+    units = sensitivity_units(model, "layer", include_embeddings=True)
+    fmts = [INT4, parse_format("int3-g128")]
+    fast = measure_sensitivity(model, w, fmts, units)
+    full = measure_sensitivity(model, w, fmts, units, replay=False)
+    assert fast == full
+
+
+def test_a_probe_computes_only_the_blocks_from_its_unit_on():
+    model = tiny_llama(layers=3, tied=False)
+    blocks = decoder_blocks(model)
+    assert blocks == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    units = {u.name: u for u in sensitivity_units(model, "layer", include_embeddings=True)}
+    assert first_block(model, units["model.layers.2.mlp.up_proj"], blocks) == 2
+    assert first_block(model, units["lm_head"], blocks) == 3
+    assert first_block(model, units["model.embed_tokens"], blocks) == 0
+    calls = []
+    for i, name in enumerate(blocks):
+        model.get_submodule(name).register_forward_hook(lambda *_a, i=i: calls.append(i))
+    measure_sensitivity(model, windows(n=1), [INT4], [units["model.layers.2.mlp.up_proj"], units["lm_head"]])
+    assert calls == [0, 1, 2, 2]  # the reference pass, then block 2 for the up_proj probe, none for lm_head

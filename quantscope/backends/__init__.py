@@ -23,6 +23,7 @@ Every adapter module (`quantscope.backends.<module>`) exposes the same three fun
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -31,11 +32,11 @@ from types import ModuleType
 
 from quantscope.errors import QuantscopeError
 
-_LLMC_REASON = (
-    "not installed in quantscope's environment: llmcompressor 0.14 requires transformers 5.17 "
-    "(pip would downgrade the installed 5.24) and compressed-tensors 0.19; install it in its own "
-    "virtualenv; also its W4A16 g128 preset rejects layers whose input width (576 on the embedded "
-    "model) is not a multiple of 128"
+LLMC_PYTHON = "QUANTSCOPE_LLMC_PYTHON"
+_LLMC_HINT = (
+    "llmcompressor 0.14 pins transformers 5.17 (pip would downgrade quantscope's), so give it a "
+    "virtualenv of its own: python -m venv DIR && DIR/bin/pip install torch==2.13.0 "
+    f"&& DIR/bin/pip install llmcompressor==0.14.0.1, then export {LLMC_PYTHON}=DIR/bin/python"
 )
 
 
@@ -55,6 +56,7 @@ class BackendFormat:
     unsupported_reason: str | None = None  # why it cannot run here, when known in advance
     options: tuple[tuple[str, object], ...] = ()  # adapter parameters (quant type, group size...)
     needs_source: bool = False  # quantize() also takes source= (the model reference) and n_ctx=
+    python_env: str = ""  # the library runs in another interpreter, named by this environment variable
 
     @property
     def install_hint(self) -> str:
@@ -108,6 +110,16 @@ def _gguf_k(name: str, bits: int, qtype: str, desc: str) -> BackendFormat:
     return _gguf(name, bits, qtype, desc, reason)
 
 
+def _llmc(method: str, group: int) -> BackendFormat:
+    what = {"gptq": "GPTQ (its defaults: static activation order, dampening 0.01, blocks of 128)",
+            "awq": "AWQ scale search (its default Llama mappings and grid), then min-max int4"}[method]
+    return BackendFormat(
+        f"llmc-{method}-int4-g{group}", "llm-compressor", "quantscope.backends.llmc", "llmcompressor",
+        "llmcompressor", "llmc", 4, f"llm-compressor {what}, asymmetric int4, group {group}, calibrated; "
+        f"codes stored and run in quantscope's int4-g{group} layout", needs_calibration=True,
+        options=(("method", method), ("bits", 4), ("group_size", group)), python_env=LLMC_PYTHON)
+
+
 def _llamacpp(name: str, bits: int, ftype: str, desc: str) -> BackendFormat:
     return BackendFormat(
         name, "llama.cpp", "quantscope.backends.llamacpp", "llama_cpp", "llama-cpp-python", "llamacpp",
@@ -149,14 +161,7 @@ BACKEND_FORMATS: dict[str, BackendFormat] = _fmts(
     _quanto("quanto-int2", 2, "qint2", "qint2 weights, group 128 (lowered like qint4), scale and "
             "shift per group"),
     _quanto("quanto-fp8", 8, "qfloat8", "float8 e4m3 weights, per-row scale"),
-    BackendFormat("llmc-gptq-int4-g128", "llm-compressor", "",
-                  "llmcompressor", "llmcompressor", "llmc", 4,
-                  "GPTQ int4 group 128 via llm-compressor (calibrated)", needs_calibration=True,
-                  unsupported_reason=_LLMC_REASON),
-    BackendFormat("llmc-awq-int4-g128", "llm-compressor", "",
-                  "llmcompressor", "llmcompressor", "llmc", 4,
-                  "AWQ int4 group 128 via llm-compressor (calibrated)", needs_calibration=True,
-                  unsupported_reason=_LLMC_REASON),
+    _llmc("gptq", 128), _llmc("awq", 128), _llmc("gptq", 64), _llmc("awq", 64),
     _gguf("gguf-q8_0", 8, "Q8_0", "Q8_0: int8 codes, fp16 scale per block of 32 (8.5 bpw)"),
     _gguf("gguf-q5_1", 5, "Q5_1", "Q5_1: 5-bit codes, fp16 scale and min per block of 32 (6.0 bpw)"),
     _gguf("gguf-q5_0", 5, "Q5_0", "Q5_0: 5-bit codes, fp16 scale per block of 32 (5.5 bpw)"),
@@ -207,6 +212,12 @@ def available(name: str) -> tuple[bool, str]:
     fmt = backend_format(name)
     if fmt.unsupported_reason is not None:
         return False, f"{fmt.name} ({fmt.backend}) cannot run here: {fmt.unsupported_reason}"
+    if fmt.python_env:
+        try:
+            python, ver = external_python(fmt.import_name)
+        except QuantscopeError as exc:
+            return False, str(exc)
+        return True, f"{fmt.backend} {ver} ({python})"
     if not _find_spec(fmt.import_name):
         return False, f"{fmt.backend} is not installed: {fmt.install_hint}"
     try:
@@ -214,6 +225,39 @@ def available(name: str) -> tuple[bool, str]:
     except importlib.metadata.PackageNotFoundError:
         ver = "unknown version"
     return True, f"{fmt.backend} {ver}"
+
+
+_EXTERNAL = {"llmcompressor": (LLMC_PYTHON, "llmcompressor", _LLMC_HINT)}
+
+
+def external_python(import_name: str) -> tuple[str, str]:
+    """(interpreter, library version) for a library that runs in an interpreter of its own: the one
+    named by its environment variable, else this one if the library is installed here.
+    QuantscopeError with the setup hint otherwise. Asks the interpreter for the version only."""
+    import os
+    import sys
+
+    var, dist, hint = _EXTERNAL[import_name]
+    python = os.environ.get(var, "")
+    if not python:
+        if _find_spec(import_name):
+            return sys.executable, importlib.metadata.version(dist)
+        raise QuantscopeError(f"{dist} is not installed and {var} is not set: {hint}")
+    return python, _version_in(python, dist, var, hint)
+
+
+@functools.lru_cache(maxsize=None)
+def _version_in(python: str, dist: str, var: str, hint: str) -> str:
+    import subprocess
+
+    try:
+        proc = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                              capture_output=True, text=True, timeout=120, check=False)
+    except OSError as exc:
+        raise QuantscopeError(f"{var}={python} cannot be run ({exc.strerror}): {hint}") from None
+    if proc.returncode != 0:
+        raise QuantscopeError(f"{dist} is not installed in {var}={python}: {hint}")
+    return proc.stdout.strip()
 
 
 def load_backend(name: str) -> ModuleType:
