@@ -1,11 +1,17 @@
 """Issue 6 benchmark: layer sensitivity, mixed precision vs uniform formats, and `recommend` with its trail.
 
     python benchmarks/mixed_and_recommend.py [--windows 32] [--ctx 512] [--threads 2] [--out RUN_DIR]
+                                             [--include embed_tokens | --include none]
 
 Embedded SmolLM2-135M-Instruct (FP32 baseline = its GGUF dequantized), WikiText-2 raw test
 (../shared/data/wikitext2/wiki.test.raw). The first 2 x 256 tokens of the text are the calibration
 tokens (mixed-auto's sensitivity scan and the ranking below); the evaluation windows (ctx 512,
 consecutive) start right after them, so calibration and evaluation are disjoint.
+
+Every format quantizes the decoder linears and, by default (`--include embed_tokens`), the token
+embedding with the `lm_head` tied to it (one table, counted and quantized once): on this model it is
+28M of 134.5M parameters, so the allocation must cover it, and formats are compared by whole-model
+`weight_bytes` and by bits per weight over everything they quantize. `--include none` leaves it FP32.
 
 1. Sensitivity ranking: each decoder linear alone in int4-g128, KL divergence on the calibration windows.
 2. mixed-auto at 3.5 and 4.5 bits per weight (ladder int3-g128/int4-g128/int8) against the uniform
@@ -13,7 +19,10 @@ consecutive) start right after them, so calibration and evaluation are disjoint.
    usual int3-g128 / int4-g128; KLD differences with paired bootstrap intervals over windows;
    predicted (sum of per-layer KLDs) next to measured KLD.
 3. mixed-edges:int4-g128/int8 against mixed-auto at the same size over the same two formats.
-4. `quantscope recommend --max-ppl-increase 2` on the same text and windows, with its decision trail.
+4. `quantscope recommend --max-ppl-increase 2 --calib <the same text>` on the same windows, with its
+   decision trail. Its calibration is the same 2 x 256 tokens (so every row shares the evaluation
+   windows and is measured once): far less than GPTQ/AWQ's usual 128 x 512, so its calibrated
+   step is a weak version of benchmarks/calibrated.py's.
 
 Everything is measured in one run directory (resumable; recommend reuses the rows measured in 2-3),
 and the sensitivity scans are cached, so mixed-auto at several budgets scans once. Results:
@@ -33,7 +42,7 @@ from _common import shared, write
 from quantscope.cli import comparison_table, main as cli_main, sensitivity_table
 from quantscope.compare import CompareConfig, compare, prepare
 from quantscope.evaluate import stats
-from quantscope.methods.mixed import mixed_weight_bytes, parse_mixed, sensitivity_windows
+from quantscope.methods.mixed import parse_mixed, sensitivity_windows
 from quantscope.plan import planner
 
 LADDER = "int3-g128/int4-g128/int8"
@@ -41,14 +50,14 @@ EDGES = "mixed-edges:int4-g128/int8"
 CALIB_SAMPLES, CALIB_SEQLEN = 2, 256  # = mixed-auto's scan: 2 windows of 256 tokens
 
 
-def edges_bits_per_weight(model_ref: str) -> float:
-    """Bits per weight of the edges preset over the decoder linears, from config.json (exact)."""
-    from quantscope.model.load import resolve
+def edges_bits_per_weight(model_ref: str, include: tuple[str, ...]) -> float:
+    """Bits per weight of the edges preset over the modules it quantizes, measured on the model
+    (the plan's stored bytes; a tied embedding and head counted once)."""
+    from quantscope.methods.mixed import bpw_of_plan, edges_plan
+    from quantscope.model.load import load_model
 
-    config = planner.load_config(resolve(model_ref)[1])
-    whole = planner.weight_breakdown(config, "fp32", baseline_dtype="fp32")
-    edges_bytes = mixed_weight_bytes(config, parse_mixed(EDGES), baseline_dtype="fp32") - whole.other_bytes
-    return 8 * edges_bytes / whole.quantized_params
+    lm = load_model(model_ref)
+    return bpw_of_plan(lm.model, edges_plan(lm.model, parse_mixed(EDGES), include))
 
 
 def per_window_kld(r: dict) -> list[float]:
@@ -70,7 +79,8 @@ def sensitivity_ranking(cfg: CompareConfig) -> list[dict]:
     job = next(j for j in prepare(cfg).jobs if j.calib is not None)
     lm = load_model(cfg.model, dtype=cfg.dtype)
     cache = SensitivityCache(cache_root() / "sensitivity", f"{job.common['model_fingerprint']}|{cfg.dtype}")
-    return layer_sensitivity(lm.model, sensitivity_windows(job.calib), parse_format("int4-g128"), cache=cache)
+    return layer_sensitivity(lm.model, sensitivity_windows(job.calib), parse_format("int4-g128"), cache=cache,
+                             include=cfg.include)
 
 
 def main() -> int:
@@ -82,15 +92,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/runs/mixed_and_recommend", help="run directory (resumable)")
     ap.add_argument("--results-name", default="mixed_and_recommend", help="benchmarks/results/<name>.json")
+    ap.add_argument("--include", default="embed_tokens", help="module patterns quantized besides the decoder "
+                    "linears (comma-separated; 'none' for only the decoder linears)")
     args = ap.parse_args()
     text = args.text or shared("wikitext2/wiki.test.raw")
+    include = () if args.include == "none" else tuple(args.include.split(","))
 
-    edges_bpw = edges_bits_per_weight(args.model)
+    edges_bpw = edges_bits_per_weight(args.model, include)
     auto_at_edges = parse_mixed(f"mixed-auto:{math.floor(edges_bpw * 1e4) / 1e4}:int4-g128/int8").name
     auto35, auto45 = (parse_mixed(f"mixed-auto:{b}:{LADDER}").name for b in (3.5, 4.5))
     formats = ("int3-g128", "int3-g64", "int4-g128", "int4-g64", auto35, auto45, EDGES, auto_at_edges)
     cfg = CompareConfig(model=args.model, formats=formats, text=text, ctx=args.ctx, windows=args.windows,
-                        calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, measure_speed=False,
+                        calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, measure_speed=False, include=include,
                         threads=args.threads, progress=sys.stderr.isatty())
     records, meta = compare(cfg, run_dir=args.out,
                             on_record=lambda r: print(f"done: {r['format']}" + (f" (error: {r['error']})" if r.get("error") else ""),
@@ -133,6 +146,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "recommend.json"
         code = cli_main(["recommend", "--max-ppl-increase", "2", "--model", args.model, "--text", text,
+                         *(a for pat in include for a in ("--include", pat)),
+                         "--calib", text,
                          "--windows", str(args.windows), "--ctx", str(args.ctx), "--calib-samples", str(CALIB_SAMPLES),
                          "--calib-seqlen", str(CALIB_SEQLEN), "--threads", str(args.threads), "--out", args.out,
                          "--json", str(out_json)])

@@ -410,6 +410,8 @@ def _cmd_recommend(args) -> int:
                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                         measure_speed=target.prefer == "fastest", isolate=not args.no_isolate, threads=args.threads,
                         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
+                        include=tuple(args.include), exclude=tuple(args.exclude),
+                        reserve_calib=True,  # every step on the same windows, calibrated or not
                         progress=sys.stderr.isatty() and not args.quiet)
     run_dir = args.out or default_run_dir(cfg)
     if not args.quiet:
@@ -601,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--mixed-bpw", type=lambda s: tuple(float(x) for x in _csv(s)), default=(3.5, 5.0, 6.0),
                     help="mixed-precision budgets tried (bits per weight; '' for none; default 3.5,5,6)")
     rc.add_argument("--mixed-ladder", default="int3-g128/int4-g128/int8", help="formats the mixed allocation picks from")
+    rc.add_argument("--include", action="append", default=[], help="module-name pattern to quantize too, e.g. "
+                    "embed_tokens (repeatable; applies to every format tried)")
+    rc.add_argument("--exclude", action="append", default=[], help="module-name pattern to leave unquantized (repeatable)")
     rc.add_argument("--model", default="default", help=MODEL_HELP)
     rc.add_argument("--text", default="python-docs", help="evaluation text")
     rc.add_argument("--windows", type=int, default=8)

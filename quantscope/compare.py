@@ -51,6 +51,10 @@ class CompareConfig:
     calib: str | None = None  # calibration text for GPTQ/AWQ; None: the evaluation text's head
     calib_samples: int = 128
     calib_seqlen: int = 512
+    # keep the calibration head out of the evaluation windows even when no format of this run needs
+    # calibration, so that runs with and without calibrated formats score the same windows
+    # (recommend measures its ladder one format at a time)
+    reserve_calib: bool = False
     speed: SpeedConfig = SpeedConfig()
     measure_speed: bool = True
     isolate: bool = True  # one worker process per format (separate peak RSS, crash isolation)
@@ -160,7 +164,7 @@ def prepare(config: CompareConfig) -> Prepared:
     calibrated = any(_needs_calib(s) for s in specs)
     calib = None
     start = 0
-    if calibrated:
+    if calibrated or config.reserve_calib:
         need = config.calib_samples * config.calib_seqlen
         if config.calib is None or load_text(config.calib).sha256 == text.sha256:
             cids = ids

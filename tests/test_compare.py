@@ -146,3 +146,16 @@ def test_api_quantize_own_mixed_and_calibrated_without_data():
     assert m.model.layers[-1].mlp.up_proj.spec.name == "int8"
     with pytest.raises(QuantscopeError, match="calib"):
         qs.quantize(tiny_llama(), "gptq-int4-g128")
+
+
+def test_reserve_calib_keeps_windows_where_a_calibrated_run_puts_them(tiny_model_dir):
+    """recommend measures one format at a time: with reserve_calib every step scores the windows a
+    run with calibrated formats scores (after the calibration head), so rows pair and are reused."""
+    d, text = tiny_model_dir
+    common = dict(model=str(d), text=str(text), ctx=32, windows=2, isolate=False, measure_speed=False,
+                  calib_samples=2, calib_seqlen=16)
+    _, plain = compare(CompareConfig(formats=("int8",), **common))
+    _, reserved = compare(CompareConfig(formats=("int8",), reserve_calib=True, **common))
+    _, calibrated = compare(CompareConfig(formats=("int8", "gptq-int4-g32"), **common))
+    assert plain["window_start_token"] == 0
+    assert reserved["window_start_token"] == calibrated["window_start_token"] == 32
