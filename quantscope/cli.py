@@ -127,6 +127,7 @@ def _cmd_compare(args) -> int:
         measure_speed=not args.no_speed, isolate=not args.no_isolate, threads=args.threads,
         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
         task_sample_seed=args.sample_seed, task_shots=args.shots, ctx_sweep=args.ctx_sweep,
+        lm_eval_tasks=tuple(args.lm_eval_task), lm_eval_include=args.lm_eval_include,
         progress=sys.stderr.isatty() and not args.quiet,
     )
     done: list[dict] = []
@@ -532,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None, help="questions per task (first N, or a sample with --sample-seed)")
     c.add_argument("--sample-seed", type=int, default=None)
     c.add_argument("--shots", type=int, default=0, help="few-shot examples (MMLU)")
+    c.add_argument("--lm-eval-task", action="append", default=[], metavar="NAME",
+                   help="an lm-evaluation-harness task run on every format, paired like --task (repeatable; "
+                        "pip install 'quantscope[lmeval]'; --limit applies)")
+    c.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="directory of lm-eval task YAML files (then only its tasks are indexed)")
     c.add_argument("--ctx-sweep", type=lambda s: tuple(int(x) for x in _csv(s)), default=(),
                    help="extra context lengths, e.g. 256,1024,2048: perplexity and KLD at each")
     c.add_argument("--prompt-tokens", type=int, default=64, help="speed test prompt length")

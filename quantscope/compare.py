@@ -65,6 +65,10 @@ class CompareConfig:
     task_limit: int | None = None  # questions per task, for tasks that do not give their own limit
     task_sample_seed: int | None = None
     task_shots: int = 0
+    # lm-evaluation-harness task names run on every format (pip install 'quantscope[lmeval]'); with
+    # lm_eval_include, tasks come from that directory of YAML configs only (lm-eval's own are not indexed)
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str | None = None
     ctx_sweep: tuple[int, ...] = ()  # extra context lengths: perplexity and KLD at each (long context)
     # The baseline's log-probabilities of the scored positions are kept in this process's memory and
     # served to each format's worker window by window, when they fit in this budget: every format is
@@ -108,6 +112,7 @@ class Job:
     sweep_windows: dict = field(default_factory=dict)  # {ctx: [n, ctx] windows} for --ctx-sweep
     progress: bool = False  # tqdm bars on stderr (only when it is a terminal)
     ref_mode: str = "local"  # baseline: "export" its log-probs; others: "serve" (from the parent) or "local"
+    lm_eval: dict = field(default_factory=dict)  # {"tasks", "include", "limit"} for --lm-eval-task
 
 
 @dataclass
@@ -202,6 +207,16 @@ def prepare(config: CompareConfig) -> Prepared:
             limit = own_limit[0] if own_limit else config.task_limit
             tasks.append(load_task(tname, tpath, limit=limit, sample_seed=config.task_sample_seed,
                                    shots=config.task_shots if tname == "mmlu" else 0))
+    lm_eval = {}
+    if config.lm_eval_tasks:
+        from .evaluate.lmeval_adapter import _import_lm_eval
+
+        _import_lm_eval()  # not installed: the install hint now, before any format is measured
+        include = config.lm_eval_include
+        if include is not None and not os.path.isdir(include):
+            raise QuantscopeError(f"--lm-eval-include {include}: not a directory of lm-eval task YAML files")
+        lm_eval = {"tasks": list(config.lm_eval_tasks), "include": include and os.path.abspath(include),
+                   "limit": config.task_limit}
     sweep = {}
     for L in config.ctx_sweep:
         if max_pos and L > max_pos:
@@ -235,7 +250,7 @@ def prepare(config: CompareConfig) -> Prepared:
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads,
                         common=dict(common), tasks=tasks, sweep_windows=sweep,
-                        progress=config.progress,
+                        progress=config.progress, lm_eval=lm_eval,
                         ref_mode=("export" if s.name == base_name else "serve") if cache_ref else "local"))
     if kind in ("embedded", "gguf"):
         notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
@@ -507,6 +522,8 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
 
         for task in job.tasks:
             task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
+    if job.lm_eval:
+        task_items.update(_lm_eval_items(qmodel, lm.tokenizer, job.lm_eval, rec))
     del reference, base, lm
     gc.collect()
     wb = weight_bytes(qmodel, storage)
@@ -655,7 +672,25 @@ def eval_spec(job: Job) -> dict:
         "dtype": job.dtype, "speed": asdict(job.speed) if job.measure_speed else None,
         "tasks": [[t.name, t.source, len(t.items), getattr(t, "shots", 0)] for t in job.tasks],
         "ctx_sweep": sorted(job.sweep_windows),
+        # only when asked: records stored before lm-eval tasks existed keep their keys
+        **({"lm_eval": job.lm_eval} if job.lm_eval else {}),
     }
+
+
+def _lm_eval_items(model, tokenizer, spec: dict, rec: dict) -> dict:
+    """lm-eval's per-document answers as TaskScores under "lm-eval:<task>", paired like our own tasks."""
+    from transformers import PreTrainedModel
+
+    from .evaluate.lmeval_adapter import run_lm_eval, to_task_scores
+
+    if not isinstance(model, PreTrainedModel):
+        raise QuantscopeError(f"--lm-eval-task needs a transformers model; this format runs a "
+                              f"{type(model).__name__} (lm-eval's HFLM cannot wrap it)")
+    out = run_lm_eval(model, tokenizer, spec["tasks"], limit=spec["limit"], include_path=spec["include"],
+                      include_defaults=spec["include"] is None)
+    rec["lm_eval_version"] = out["lm_eval_version"]
+    return {f"lm-eval:{name}": to_task_scores(out, name) for name in out["tasks"]
+            if "per_item" in out["tasks"][name] and "acc" in out["tasks"][name]["per_item"]}
 
 
 def job_key(job: Job) -> str:
@@ -689,7 +724,8 @@ def _task_summaries(r: dict, base: dict) -> dict:
         summary = summarize(s, b)
         if s.target_nll is not None:  # cloze tasks (LAMBADA): the target word's perplexity too
             summary.update(cloze_perplexity(s, b))
-        summary["category"] = CATEGORIES.get(name, "user")
+        plain = name.removeprefix("lm-eval:").replace("_", "-")  # lm-eval's arc_easy is our arc-easy
+        summary["category"] = CATEGORIES.get(name, CATEGORIES.get(plain, "user"))
         out[name] = summary
     return out
 

@@ -159,3 +159,29 @@ def test_reserve_calib_keeps_windows_where_a_calibrated_run_puts_them(tiny_model
     _, calibrated = compare(CompareConfig(formats=("int8", "gptq-int4-g32"), **common))
     assert plain["window_start_token"] == 0
     assert reserved["window_start_token"] == calibrated["window_start_token"] == 32
+def test_compare_runs_lm_eval_tasks_paired_like_its_own(tiny_model_dir, tmp_path, monkeypatch):
+    """--lm-eval-task: lm-eval's per-document answers on every format, paired with the baseline's;
+    on a local task they equal quantscope's own scoring of the same questions (an independent check)."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install 'quantscope[lmeval]'")
+    from test_tasks import FIXTURES, _local_yaml
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    d, text = tiny_model_dir
+    (tmp_path / "yaml").mkdir()
+    yaml_dir = _local_yaml(tmp_path / "yaml")
+    cfg = CompareConfig(model=str(d), text=str(text), formats=("int4-g128",), ctx=32, windows=2,
+                        isolate=False, measure_speed=False, lm_eval_tasks=("qs_known",),
+                        lm_eval_include=str(yaml_dir), tasks=(("jsonl", str(FIXTURES / "known_answer.jsonl")),))
+    records, _ = compare(cfg)
+    for r in records:
+        theirs, ours = r["tasks"]["lm-eval:qs_known"], r["tasks"]["jsonl"]
+        assert theirs["n"] == ours["n"] == 3
+        assert theirs["acc"] == ours["acc"] and theirs["acc_norm"] == ours["acc_norm"]
+        assert r["task_items"]["lm-eval:qs_known"]["correct"] == r["task_items"]["jsonl"]["correct"]
+        assert r["lm_eval_version"]
+    assert "delta" in records[1]["tasks"]["lm-eval:qs_known"]
+    with pytest.raises(Exception, match="not a directory"):
+        compare(CompareConfig(model=str(d), text=str(text), formats=("int8",), ctx=32, windows=2, isolate=False,
+                              lm_eval_tasks=("qs_known",), lm_eval_include=str(tmp_path / "nope")))
