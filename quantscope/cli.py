@@ -119,8 +119,10 @@ def _cmd_compare(args) -> int:
     from .measure.speed import SpeedConfig
     from .results import write_json_atomic
 
+    formats = tuple(args.formats or CompareConfig.formats)
+    formats += tuple(f"mixed-auto:{b}:{args.ladder}" for b in (*args.target_bpw, *args.target_bytes))
     cfg = CompareConfig(
-        model=args.model, formats=args.formats, text=args.text, ctx=args.ctx, windows=args.windows,
+        model=args.model, formats=formats, text=args.text, ctx=args.ctx, windows=args.windows,
         score_second_half=args.score_second_half, include=tuple(args.include), exclude=tuple(args.exclude),
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         speed=SpeedConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens),
@@ -529,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default=None, help="calibration text for GPTQ/AWQ (default: the head of --text)")
     c.add_argument("--calib-samples", type=int, default=128)
     c.add_argument("--calib-seqlen", type=int, default=512)
+    c.add_argument("--target-bpw", type=_csv, default=(), metavar="BPW[,BPW]",
+                   help="add automatic mixed precision at these bits per weight (layers picked from --ladder by "
+                        "measured sensitivity): mixed-auto:BPW:LADDER")
+    c.add_argument("--target-bytes", type=_csv, default=(), metavar="SIZE[,SIZE]",
+                   help="the same with a whole-model weight budget, e.g. 150MB (10^6) or 140MiB")
+    c.add_argument("--ladder", default="int3-g128/int4-g128/int8",
+                   help="formats --target-bpw/--target-bytes choose from (default int3-g128/int4-g128/int8)")
     c.add_argument("--task", type=_task_arg, action="append", default=[], help="NAME=PATH task (repeatable)")
     c.add_argument("--limit", type=int, default=None, help="questions per task (first N, or a sample with --sample-seed)")
     c.add_argument("--sample-seed", type=int, default=None)

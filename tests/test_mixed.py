@@ -170,3 +170,49 @@ def test_paired_statistics_pair_each_record_with_the_baseline_of_its_windows():
     assert records[1]["perplexity_delta"] == 0.0
     assert records[3]["perplexity_delta"] == 0.0  # against the start-128 baseline, not the first one
     assert records[2]["perplexity_delta"] == 0.0
+
+
+# ---------------------------------------------------------------- a whole-model byte budget
+
+@pytest.mark.parametrize("include", [(), ("embed_tokens",)])
+def test_auto_with_a_byte_budget_keeps_the_whole_model_within_it(include):
+    model = tiny_llama(layers=2)
+    whole = weight_bytes(model)
+    int4 = copy.deepcopy(model)
+    quantize_mixed(int4, parse_mixed("mixed-edges:int4-g128/int4-g128"), include=include)
+    budget = (weight_bytes(int4) + whole) // 3  # between all-int4 and FP32: a real choice
+    spec = parse_mixed(f"mixed-auto:{budget}B:int4-g128/int8")
+    assert spec.budget_bytes == budget and spec.target_bpw is None
+    q = copy.deepcopy(model)
+    result = quantize_mixed(q, spec, windows(), include=include)
+    assert weight_bytes(int4) < weight_bytes(q) <= budget  # the whole model, measured
+    assert set(result.plan.values()) == {"int4-g128", "int8"}
+    assert mixed_weight_bytes(model.config.to_dict(), spec) == budget  # the planner's upper bound
+    with pytest.raises(QuantscopeError, match="cannot be made smaller than"):
+        quantize_mixed(copy.deepcopy(model), parse_mixed(f"mixed-auto:{weight_bytes(int4) - 1}B:int4-g128/int8"),
+                       windows(), include=include)
+
+
+def test_compare_cli_target_bpw_and_bytes_add_mixed_formats(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from quantscope.cli import main
+
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_model_dir
+    out = tmp_path / "r.json"
+    argv = ["compare", "--model", str(model_dir), "--text", str(text), "--ctx", "32", "--windows", "2",
+            "--calib-samples", "2", "--calib-seqlen", "64", "--no-speed", "--no-isolate", "--no-store",
+            "--formats", "int8", "--target-bpw", "5", "--target-bytes", "1GB", "--ladder", "int4-g128/int8",
+            "--json", str(out)]
+    assert main(argv) == 0
+    import json
+
+    recs = {r["format"]: r for r in json.loads(out.read_text())}
+    assert {"mixed-auto:5:int4-g128/int8", "mixed-auto:1GB:int4-g128/int8"} <= set(recs)
+    assert recs["mixed-auto:5:int4-g128/int8"]["bits_per_weight"] <= 5
+    assert recs["mixed-auto:1GB:int4-g128/int8"]["weight_bytes"] <= 10**9
+    # a budget nothing meets: that format's row says why in one line, the others are measured
+    assert main(argv[:-8] + ["--target-bytes", "1KB", "--json", str(out)]) == 0
+    recs = {r["format"]: r for r in json.loads(out.read_text())}
+    why = recs["mixed-auto:1KB:int3-g128/int4-g128/int8"]["error"]
+    assert "cannot be made smaller than" in why and "\n" not in why
+    assert not recs["int8"].get("error")

@@ -7,12 +7,15 @@ Two kinds, parsed by :func:`parse_mixed` into a :class:`MixedSpec`:
     every other selected module in ``<base>``.
 
 ``mixed-auto:<bpw>:<f1>/<f2>/...`` (e.g. ``mixed-auto:4.5:int3-g128/int4-g128/int8``)
+``mixed-auto:<size>:<f1>/<f2>/...`` (e.g. ``mixed-auto:150MB:int3-g128/int4-g128/int8``)
     Measured allocation. The KL divergence each selected layer causes alone in each ladder format is
     measured on calibration windows (:mod:`quantscope.sensitivity`); the allocator
     (:func:`quantscope.methods.allocate.allocate`) picks one format per layer minimising the sum of
     those KLDs (the *predicted* KLD) with the layers' stored bytes at most ``bpw`` bits per weight
-    over the selected layers. The result is then measured like any format, so the record shows the
-    predicted KLD next to the measured one.
+    over the selected layers -- or, given a size (``150MB`` = 150 x 10^6 bytes, ``140MiB``), with the
+    whole model's weight bytes (what compare reports as ``weight_bytes``: the quantized layers plus
+    everything left unquantized, measured on the loaded model) at most that size. The result is then
+    measured like any format, so the record shows the predicted KLD next to the measured one.
 
 The layers are the module selection of every format (decoder linears; ``--include embed_tokens``
 adds the embedding, and a tied ``lm_head`` with it, as one item counted and quantized once), so a
@@ -56,6 +59,7 @@ class MixedSpec:
     base: str | None = None  # edges: format of the inner layers
     wide: str | None = None  # edges: format of the first and last decoder blocks
     target_bpw: float | None = None  # auto: bits per weight over the selected layers
+    budget_bytes: int | None = None  # auto, instead of target_bpw: whole-model weight bytes
     ladder: tuple[str, ...] = ()  # auto: candidate formats, smallest first
 
     @property
@@ -66,7 +70,8 @@ class MixedSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "family": "mixed", "kind": self.kind, "base": self.base, "wide": self.wide,
-                "target_bpw": self.target_bpw, "ladder": list(self.ladder), "version": 1}
+                "target_bpw": self.target_bpw, "budget_bytes": self.budget_bytes, "ladder": list(self.ladder),
+                "version": 1}
 
 
 def _rtn_format(name: str, whole: str) -> FormatSpec:
@@ -99,17 +104,42 @@ def parse_mixed(name: str) -> MixedSpec:
         base, wide = (_rtn_format(p, raw) for p in parts)
         return MixedSpec(f"mixed-edges:{base.name}/{wide.name}", "edges", base=base.name, wide=wide.name)
     bpw_text, _, ladder_text = rest.partition(":")
-    try:
-        bpw = float(bpw_text)
-    except ValueError:
-        bpw = float("nan")
-    if not (math.isfinite(bpw) and bpw > 0):
-        raise UnknownFormatError(f"'{raw}': the target bits per weight must be a positive number, not '{bpw_text}'")
+    bpw, size = _budget(bpw_text, raw)
     specs = {s.name: s for s in (_rtn_format(p, raw) for p in ladder_text.split("/") if p)}
     if len(specs) < 2:
         raise UnknownFormatError(f"'{raw}': mixed-auto needs a ladder of at least two formats, e.g. int4-g128/int8")
     ladder = tuple(sorted(specs, key=lambda n: (specs[n].storage_bytes(*_REFERENCE_SHAPE), n)))
-    return MixedSpec(f"mixed-auto:{_bpw_text(bpw)}:{'/'.join(ladder)}", "auto", target_bpw=bpw, ladder=ladder)
+    budget = _bpw_text(bpw) if size is None else size[0]
+    return MixedSpec(f"mixed-auto:{budget}:{'/'.join(ladder)}", "auto", target_bpw=bpw,
+                     budget_bytes=None if size is None else size[1], ladder=ladder)
+
+
+def _budget(text: str, raw: str) -> tuple[float | None, tuple[str, int] | None]:
+    """(bits per weight, None) for a number; (None, (canonical text, bytes)) for a size with a unit."""
+    from ..plan.devices import parse_memory
+
+    try:
+        bpw = float(text)
+    except ValueError:
+        bpw = None
+    if bpw is not None:
+        if not (math.isfinite(bpw) and bpw > 0):
+            raise UnknownFormatError(f"'{raw}': the target bits per weight must be a positive number, not '{text}'")
+        return bpw, None
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = _UNIT_CASE.get(text[len(number):])
+    if not number or unit is None:
+        raise UnknownFormatError(f"'{raw}': the budget must be bits per weight (4.5) or a size "
+                                 f"(150MB, 140MiB), not '{text}'")
+    try:
+        nbytes = parse_memory(number + unit)
+    except QuantscopeError as e:
+        raise UnknownFormatError(f"'{raw}': {e}") from None
+    return None, (f"{float(number):g}{unit}", nbytes)
+
+
+# lower-cased (mixed names are) unit -> its usual spelling
+_UNIT_CASE = {u.lower(): u for u in ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")}
 
 
 # ---------------------------------------------------------------- plans
@@ -178,8 +208,27 @@ def auto_plan(model: nn.Module, spec: MixedSpec, windows: torch.Tensor, include:
         first = rows[ladder[0].name]
         layers.append(LayerCost(name=u.modules[0], params=first["params"], tied=tuple(u.modules[1:]),
                                 options={f: (r["bytes"], r["kld"]) for f, r in rows.items()}))
-    alloc = allocate(layers, [f.name for f in ladder], target_bpw=spec.target_bpw)
+    if spec.budget_bytes is None:
+        alloc = allocate(layers, [f.name for f in ladder], target_bpw=spec.target_bpw)
+    else:
+        alloc = allocate(layers, [f.name for f in ladder], budget_bytes=_layer_budget(model, spec, layers))
     return {n: parse_format(f) for n, f in alloc.choices.items()}, alloc
+
+
+def _layer_budget(model: nn.Module, spec: MixedSpec, layers: list[LayerCost]) -> int:
+    """The bytes the allocated layers may take so that the whole model fits `spec.budget_bytes`:
+    the budget minus everything that stays as it is (measured on the model, shared tensors once)."""
+    from ..measure.memory import weight_bytes
+
+    kept = weight_bytes(model) - sum(
+        model.get_submodule(layer.name).weight.nbytes for layer in layers)
+    smallest = kept + sum(min(b for b, _ in layer.options.values()) for layer in layers)
+    if spec.budget_bytes < smallest:
+        raise QuantscopeError(
+            f"{spec.name}: the whole model cannot be made smaller than {smallest:,} bytes with this "
+            f"ladder ({kept:,} bytes stay unquantized, every layer at its smallest format); "
+            f"the budget is {spec.budget_bytes:,}")
+    return spec.budget_bytes - kept
 
 
 def quantize_mixed(model: nn.Module, spec: MixedSpec, calib_windows: torch.Tensor | None = None,
@@ -216,13 +265,16 @@ def mixed_weight_bytes(config: dict, spec: MixedSpec, baseline_dtype: str | None
     """Stored weight bytes of a model (its config.json) in a mixed format, decoder linears selected.
 
     Exact for mixed-edges. For mixed-auto it is the budget's upper bound (the allocation's bytes are
-    at most ``floor(bpw x params / 8)``), since the plan depends on measured sensitivities."""
+    at most ``floor(bpw x params / 8)``, or the byte budget), since the plan depends on measured
+    sensitivities."""
     from ..plan import planner
     from ..sensitivity import block_index
 
     g = planner.geometry(config)
     base = planner.weight_breakdown(g, "fp32", baseline_dtype=baseline_dtype)
     other = base.other_bytes
+    if spec.kind == "auto" and spec.budget_bytes is not None:
+        return spec.budget_bytes
     if spec.kind == "auto":
         return other + math.floor(spec.target_bpw * base.quantized_params / 8)
     edges = {0, g.layers - 1}
