@@ -6,7 +6,8 @@ Same model, text and windows as benchmarks/core_formats.py (WikiText-2 test, ctx
 the start; the run directory is shared, so formats already measured there are reused, not re-run).
 quantscope's calibrated formats are a separate group (`--group cal`; benchmarks/calibrated.py compares them
 in full); they calibrate on 128 x 512 tokens of the Python docs text, so the evaluation windows stay the
-same. llm-compressor's rows are listed with the reason they cannot run here.
+same. llm-compressor's rows need QUANTSCOPE_LLMC_PYTHON (see README); its g128 rows are skipped on
+this model with the reason (576-wide layers), the g64 rows run (they calibrate on the Python docs too).
 llama.cpp rows need llama-cpp-python (pip install 'quantscope[llamacpp]'); without it they are rows
 with the install hint.
 Rows sorted by bits per weight. Writes benchmarks/results/libraries.json.
@@ -31,7 +32,7 @@ GROUPS = {
     "6": "llamacpp-q6_k,llamacpp-q5_k_m",
     "4": "int4-g128,int4-g64,nf4,bnb-nf4,bnb-fp4,hqq-int4-g64,quanto-int4,"
          "torchao-int4wo-g32,gguf-q4_k_m,llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-iq4_nl,"
-         "llmc-gptq-int4-g128,llmc-awq-int4-g128",
+         "llmc-gptq-int4-g64,llmc-awq-int4-g64,llmc-gptq-int4-g128,llmc-awq-int4-g128",
     "3": "int3-g128,int3-g64,hqq-int3-g64,gguf-q3_k_m,llamacpp-q3_k_m,llamacpp-q2_k",
     # quantscope's calibrated formats (pass --group cal; their full comparison is benchmarks/calibrated.py)
     "cal": "gptq-int4-g128-act,awq-int4-g128,gptq-int3-g128-act",
