@@ -95,6 +95,23 @@ def task_table(records: list[dict]) -> str:
                 line += (f"  Δ {100 * t['delta']:+.1f} pts [{100 * dci[0]:+.1f},{100 * dci[1]:+.1f}]{sig}"
                          f"  McNemar p={t['mcnemar_p']:.3g}")
             lines.append(line)
+    cats = sorted({c for r in records for c in (r.get("task_categories") or {})})
+    if cats:
+        lines.append("\nwhere each format loses: accuracy change per category, questions pooled, paired with the baseline")
+        lines.append("  " + "format".ljust(22) + "".join(c.rjust(30) for c in cats))
+        for r in records:
+            tc = r.get("task_categories") or {}
+            if not tc:
+                continue
+            cells = []
+            for c in cats:
+                t = tc.get(c)
+                cell = "-" if t is None else (f"{100 * t['delta']:+.1f} [{100 * t['delta_ci'][0]:+.1f},"
+                                              f"{100 * t['delta_ci'][1]:+.1f}]{' *' if t['significant'] else '  '}")
+                cells.append(cell.rjust(30))
+            lines.append("  " + r["format"].ljust(22) + "".join(cells))
+        lines.append("  " + ", ".join(f"{c}: {' + '.join(sorted({n for r in records for n in (r.get('task_categories') or {}).get(c, {}).get('tasks', [])}))}"
+                                      for c in cats))
     return "\n".join(lines)
 
 

@@ -658,6 +658,8 @@ def add_paired_statistics(records: list[dict]) -> None:
                 r["perplexity_delta_significant"] = stats.significant(lo, hi)
         if "task_items" in r:
             r["tasks"] = _task_summaries(r, base)
+            if r is not base and not r.get("baseline"):
+                r["task_categories"] = _category_summaries(r, base)
 
 
 def eval_spec(job: Job) -> dict:
@@ -728,6 +730,15 @@ def _task_summaries(r: dict, base: dict) -> dict:
         summary["category"] = CATEGORIES.get(name, CATEGORIES.get(plain, "user"))
         out[name] = summary
     return out
+
+
+def _category_summaries(r: dict, base: dict) -> dict:
+    """{category: pooled paired accuracy delta} over the tasks both records answered."""
+    from .evaluate.tasks import TaskScores, category_deltas
+
+    pairs = {name: (TaskScores.from_dict(items), TaskScores.from_dict(base["task_items"][name]))
+             for name, items in r["task_items"].items() if name in base.get("task_items", {})}
+    return category_deltas(pairs, {n: r["tasks"][n]["category"] for n in pairs}) if pairs else {}
 
 
 def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,

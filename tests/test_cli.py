@@ -192,3 +192,20 @@ def test_skipped_format_reason_is_a_line_of_its_own():
     assert fp32.startswith("fp32") and skipped.startswith("llmc-gptq-int4-g128")
     assert why.strip() in skipped  # the whole reason, not cut at 90 characters
     assert len(header) < 200  # the reason does not widen the columns
+
+
+def test_task_table_shows_each_task_and_where_each_format_loses():
+    from quantscope.cli import task_table
+
+    t = {"n": 100, "acc": 0.5, "acc_ci": [0.4, 0.6], "acc_norm": 0.5, "category": "reasoning"}
+    base = {"format": "fp32", "baseline": True, "tasks": {"arc-easy": t}}
+    lost = {**t, "acc": 0.4, "delta": -0.1, "delta_ci": [-0.16, -0.04], "significant": True, "mcnemar_p": 0.002}
+    q = {"format": "int4-g128", "tasks": {"arc-easy": lost},
+         "task_categories": {"reasoning": {"tasks": ["arc-easy"], "n": 100, "delta": -0.1,
+                                           "delta_ci": [-0.16, -0.04], "significant": True}}}
+    lines = task_table([base, q]).splitlines()
+    assert any(ln.strip().startswith("int4-g128") and "Δ -10.0 pts [-16.0,-4.0] *" in ln for ln in lines)
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("where each format loses"))
+    assert "reasoning" in lines[i + 1]
+    assert lines[i + 2].split()[0] == "int4-g128" and "-10.0 [-16.0,-4.0] *" in lines[i + 2]
+    assert lines[i + 3].strip() == "reasoning: arc-easy"

@@ -458,3 +458,17 @@ def test_lm_eval_adapter_without_lm_eval_gives_install_hint(monkeypatch, tokeniz
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(QuantscopeError, match=r"pip install 'quantscope\[lmeval\]'"):
         lmeval_adapter.run_lm_eval(torch.nn.Linear(1, 1), tokenizer, ["arc_easy"])
+
+
+def test_category_deltas_pool_the_questions_of_a_category():
+    base_a, base_b = _scores([1, 1, 0, 0]), _scores([1, 0, 1, 0, 1, 1])
+    worse_a, same_b = _scores([0, 0, 0, 0]), _scores([1, 0, 1, 0, 1, 1])
+    cats = {"a": "reasoning", "b": "reasoning", "c": "knowledge"}
+    out = tasks.category_deltas({"a": (worse_a, base_a), "b": (same_b, base_b), "c": (base_a, base_a)}, cats)
+    r = out["reasoning"]
+    assert r["tasks"] == ["a", "b"] and r["n"] == 10
+    assert r["delta"] == pytest.approx(-2 / 10)  # two questions lost out of ten pooled
+    assert r["delta_ci"][0] <= r["delta"] <= r["delta_ci"][1]
+    assert r["mcnemar_p"] == pytest.approx(0.5)  # 2 discordant pairs, both one way: exact p = 2 x 0.25
+    k = out["knowledge"]
+    assert k["delta"] == 0.0 and k["delta_ci"] == [0.0, 0.0] and k["significant"] is False

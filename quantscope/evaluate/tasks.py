@@ -692,6 +692,29 @@ def summarize(
     return out
 
 
+def category_deltas(pairs: dict[str, tuple[TaskScores, TaskScores]], categories: dict[str, str],
+                    n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Where a format loses: per category, the accuracy change over all its tasks' questions pooled
+    (each question once, so larger tasks weigh more), paired with the baseline's answers.
+
+    `pairs` maps task name -> (scores, baseline scores); `categories` task name -> category.
+    Returns ``{category: {tasks, n, delta, delta_ci, mcnemar_p, significant}}``."""
+    grouped: dict[str, list[str]] = {}
+    for name in pairs:
+        grouped.setdefault(categories[name], []).append(name)
+    out = {}
+    for cat, names in sorted(grouped.items()):
+        for name in names:
+            _check_paired(*pairs[name])
+        b = np.concatenate([pairs[n][1].correct.astype(bool) for n in names])
+        a = np.concatenate([pairs[n][0].correct.astype(bool) for n in names])
+        delta, lo, hi = stats.paired_bootstrap_ci(b, a, n_boot=n_boot, seed=seed)
+        out[cat] = {"tasks": sorted(names), "n": int(a.size), "delta": delta, "delta_ci": [lo, hi],
+                    "mcnemar_p": stats.mcnemar_exact_p(int((b & ~a).sum()), int((~b & a).sum())),
+                    "significant": stats.significant(lo, hi)}
+    return out
+
+
 def cloze_perplexity(
     scores: TaskScores, baseline_scores: TaskScores | None = None, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
