@@ -43,7 +43,7 @@ def test_names_parse_to_canonical_specs():
 @pytest.mark.parametrize("name, match", [
     ("mixed-edges:int4-g128", "two formats"),
     ("mixed-edges:int4-g128/int9", "unknown format 'int9'"),
-    ("mixed-auto:abc:int4-g128/int8", "positive number"),
+    ("mixed-auto:abc:int4-g128/int8", "bits per weight \\(4.5\\) or a size"),
     ("mixed-auto:-1:int4-g128/int8", "positive number"),
     ("mixed-auto:4.5:int4-g128", "at least two"),
     ("mixed-auto:4.5:gptq-int4-g128/int8", "calibrated"),
