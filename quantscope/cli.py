@@ -371,8 +371,12 @@ def _recommend_target(args, baseline: str):
     return target, ladder
 
 
-def _model_sizes(model: str, dtype: str):
-    """size_of(format) -> weight bytes from the model's config.json (planner), or None if not plannable."""
+def _model_sizes(model: str, dtype: str, include=(), exclude=()):
+    """size_of(format) -> weight bytes from the model's config.json (planner), or None if not plannable
+    (then recommend measures a format to learn its size). The planner knows the default selection
+    (every decoder linear) only, so a changed selection is measured too."""
+    if include or exclude:
+        return None
     from .methods.mixed import MixedSpec, mixed_weight_bytes
     from .model.load import resolve
     from .plan import planner
@@ -447,7 +451,7 @@ def _cmd_recommend(args) -> int:
         records, _ = compare(replace(cfg, formats=(fmt,)), on_record=show, run_dir=run_dir)
         return next(r for r in records if r["format"] == fmt)
 
-    decision = recommend(target, measure, ladder, size_of=_model_sizes(args.model, cfg.dtype))
+    decision = recommend(target, measure, ladder, size_of=_model_sizes(args.model, cfg.dtype, cfg.include, cfg.exclude))
     steps = [{"format": t.format, "ladder_step": t.step, "passed": {"pass": True, "fail": False}.get(t.verdict),
               "reason": t.why,
               **{k: v for k, v in t.numbers.items() if k in ("weight_bytes", "perplexity", "kld_mean", "checked_upper")}}

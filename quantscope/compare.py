@@ -451,7 +451,8 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
     base = lm.model
     selected = select_modules(base, job.include, job.exclude)
     mods = dict(base.named_modules())
-    sel_tensors = [mods[n].weight for n in selected]
+    # a tied embedding and lm_head are one tensor: its parameters count once, like its bytes
+    sel_tensors = list({mods[n].weight.data_ptr(): mods[n].weight for n in selected}.values())
     sel_params = int(sum(t.numel() for t in sel_tensors))
     base_bytes = weight_bytes(base)
     other_bytes = base_bytes - tensor_bytes(sel_tensors)
@@ -676,6 +677,9 @@ def eval_spec(job: Job) -> dict:
         "ctx_sweep": sorted(job.sweep_windows),
         # only when asked: records stored before lm-eval tasks existed keep their keys
         **({"lm_eval": job.lm_eval} if job.lm_eval else {}),
+        # records of runs that select more than the decoder linears were stored while a tied
+        # embedding's parameters counted twice in bits_per_weight: those are measured again
+        **({"tied_params": "once"} if job.include else {}),
     }
 
 

@@ -185,3 +185,15 @@ def test_compare_runs_lm_eval_tasks_paired_like_its_own(tiny_model_dir, tmp_path
     with pytest.raises(Exception, match="not a directory"):
         compare(CompareConfig(model=str(d), text=str(text), formats=("int8",), ctx=32, windows=2, isolate=False,
                               lm_eval_tasks=("qs_known",), lm_eval_include=str(tmp_path / "nope")))
+
+
+def test_a_tied_embedding_counts_once_in_bits_per_weight(tiny_model_dir):
+    d, text = tiny_model_dir
+    records, _ = compare(CompareConfig(model=str(d), text=str(text), formats=("int8",), ctx=32, windows=2,
+                                       isolate=False, measure_speed=False, include=("embed_tokens",)))
+    fp32, int8 = records
+    assert fp32["bits_per_weight"] == 32.0  # the shared table's parameters once, like its bytes
+    m = tiny_llama(vocab=257)
+    params = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2)  # tied head not listed again
+    assert fp32["quantized_params"] == int8["quantized_params"] == params
+    assert 8.0 < int8["bits_per_weight"] < 9.0
