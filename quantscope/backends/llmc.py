@@ -63,8 +63,11 @@ def run_worker(model_dir: Path, calib_file: Path, out_file: Path, method: str, b
            "--ignore", *ignore]
     env = dict(os.environ, PYTHONNOUSERSITE="1", TQDM_DISABLE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode < 0:
+        raise QuantscopeError(f"llm-compressor {method} was stopped by signal {-proc.returncode}")
     if proc.returncode != 0 or not out_file.exists():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "| WARNING" not in ln
+                 and "| INFO" not in ln] or [ln for ln in proc.stdout.splitlines() if ln.strip()]
         raise QuantscopeError(f"llm-compressor {method} failed (exit {proc.returncode}): "
                               f"{lines[-1] if lines else 'no output'}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
