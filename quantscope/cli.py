@@ -110,8 +110,11 @@ def task_table(records: list[dict]) -> str:
                                               f"{100 * t['delta_ci'][1]:+.1f}]{' *' if t['significant'] else '  '}")
                 cells.append(cell.rjust(30))
             lines.append("  " + r["format"].ljust(22) + "".join(cells))
-        lines.append("  " + ", ".join(f"{c}: {' + '.join(sorted({n for r in records for n in (r.get('task_categories') or {}).get(c, {}).get('tasks', [])}))}"
-                                      for c in cats))
+        members: dict[str, set] = {c: set() for c in cats}
+        for r in records:
+            for c, t in (r.get("task_categories") or {}).items():
+                members[c].update(t["tasks"])
+        lines.append("  " + ", ".join(f"{c}: {' + '.join(sorted(members[c]))}" for c in cats))
     return "\n".join(lines)
 
 

@@ -22,9 +22,10 @@ Replaying the unchanged blocks. A probe changes nothing before its unit's first 
 reference pass records every block's output for the window and a probe replays the blocks before its
 unit from that record instead of computing them again (a probe of the last block, or of an untied
 ``lm_head``, computes only what follows). The record is [tokens, hidden] per block and window
-(256 x 576 x 4 B x 30 blocks = 18 MB for SmolLM2). On the embedded model this removes about 40% of a
-scan's work; the result is the same tensor operations on the same inputs, so the KLDs are identical
-(tested against ``replay=False``). It relies only on the decoder blocks being called in order, each
+(256 x 576 x 4 B x 30 blocks = 18 MB for SmolLM2). A probe of block b skips b of the blocks, so a
+scan over every layer skips about half of the decoder's work (the head and the softmax still run
+for every probe); the result is the same tensor operations on the same inputs, so the KLDs are
+identical (tested against ``replay=False``). It relies only on the decoder blocks being called in order, each
 once per forward, which a hook checks: any other call pattern falls back to the full forward.
 
 Results can be cached on disk (:class:`SensitivityCache`), keyed by the model's fingerprint, the exact
@@ -149,7 +150,7 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, score_from: int) -> torch.Te
 _BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
-def decoder_blocks(model: nn.Module) -> list[str]:
+def block_names(model: nn.Module) -> list[str]:
     """Names of the decoder blocks (``model.layers.0`` ...) in order; [] unless numbered 0..n-1."""
     found = {}
     for name, _ in model.named_modules():
@@ -256,7 +257,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
     probes = [(f, u, _quantized_modules(model, u, f)) for f in todo for u in units]
     kld: dict[tuple[str, str], list[np.ndarray]] = {(f.name, u.name): [] for f, u, _ in probes}
     total, done = len(windows) * (1 + len(probes)), 0
-    blocks = decoder_blocks(model) if replay else []
+    blocks = block_names(model) if replay else []
     start = {u.name: first_block(model, u, blocks) for u in units}
     with torch.inference_mode():
         for w in windows:

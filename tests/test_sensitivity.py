@@ -8,7 +8,7 @@ from quantscope.errors import QuantscopeError
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats.spec import parse_format
 from quantscope.model.swap import apply_plan
-from quantscope.sensitivity import (SensitivityCache, decoder_blocks, first_block, layer_sensitivity,
+from quantscope.sensitivity import (SensitivityCache, block_names, first_block, layer_sensitivity,
                                     measure_sensitivity, sensitivity_units)
 
 INT4 = parse_format("int4-g128")
@@ -119,7 +119,7 @@ def test_replaying_the_blocks_before_a_unit_gives_the_same_klds(build):
 
 def test_a_probe_computes_only_the_blocks_from_its_unit_on():
     model = tiny_llama(layers=3, tied=False)
-    blocks = decoder_blocks(model)
+    blocks = block_names(model)
     assert blocks == ["model.layers.0", "model.layers.1", "model.layers.2"]
     units = {u.name: u for u in sensitivity_units(model, "layer", include_embeddings=True)}
     assert first_block(model, units["model.layers.2.mlp.up_proj"], blocks) == 2

@@ -12,9 +12,8 @@ Choices, all documented where they are made:
 
 - Hessian ``H = 2/n X^T X``. Each batch's ``X^T X`` is computed in float32 (matmuls over at most a
   few thousand rows, relative error ~1e-6; only the upper block triangle, mirrored) and summed
-  into a float64 accumulator, so the sum over
-  ~65k calibration tokens loses nothing; the Cholesky factorisations run in float64, the column loop
-  in float32 (as the reference does). Within a block of ``spec.block_size`` columns, the error
+  into a float64 accumulator, so the sum over ~65k calibration tokens loses nothing; the Cholesky
+  factorisations run in float64, the column loop in float32 (as the reference does). Within a block of ``spec.block_size`` columns, the error
   feedback of the block's earlier columns is applied to each column just before it is rounded (one
   matrix-vector product) instead of to all remaining columns after each one (the reference's
   rank-1 update): the same arithmetic, one op per column, and a 2-8x faster loop on this CPU.

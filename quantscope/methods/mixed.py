@@ -270,11 +270,11 @@ def mixed_weight_bytes(config: dict, spec: MixedSpec, baseline_dtype: str | None
     from ..plan import planner
     from ..sensitivity import block_index
 
+    if spec.kind == "auto" and spec.budget_bytes is not None:
+        return spec.budget_bytes
     g = planner.geometry(config)
     base = planner.weight_breakdown(g, "fp32", baseline_dtype=baseline_dtype)
     other = base.other_bytes
-    if spec.kind == "auto" and spec.budget_bytes is not None:
-        return spec.budget_bytes
     if spec.kind == "auto":
         return other + math.floor(spec.target_bpw * base.quantized_params / 8)
     edges = {0, g.layers - 1}
