@@ -44,12 +44,13 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--formats", default=None)
     ap.add_argument("--llmc", action="store_true", help="quantscope's GPTQ/AWQ against llm-compressor's")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two benchmarks share 2 cores)")
     ap.add_argument("--out", default="benchmarks/runs/calibrated")
     args = ap.parse_args()
     formats = args.formats or (LLMC_FORMATS if args.llmc else FORMATS)
     cfg = CompareConfig(formats=tuple(formats.split(",")), text=shared("wikitext2/wiki.test.raw"),
                         ctx=512, windows=args.windows, calib_samples=args.calib_samples, calib_seqlen=512,
-                        threads=2)
+                        threads=args.threads)
     records, meta = compare(cfg, on_record=lambda r: print(f"done: {r['format']}", file=sys.stderr, flush=True),
                             run_dir=args.out)
     for n in meta["notes"]:

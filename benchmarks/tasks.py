@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="cap every task at its first N questions")
     ap.add_argument("--formats", default="fp32,int8,int4-g128,nf4,gptq-int4-g128")
     ap.add_argument("--tasks", default=",".join(t for t, _, _ in TASKS))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two benchmarks share 2 cores)")
     ap.add_argument("--out", default="benchmarks/runs/tasks")
     args = ap.parse_args()
     wanted = set(args.tasks.split(","))
@@ -44,7 +45,7 @@ def main() -> int:
 
     tasks = tuple((n, shared(p), cap(lim)) for n, p, lim in TASKS if n in wanted)
     cfg = CompareConfig(formats=tuple(args.formats.split(",")), text=shared("wikitext2/wiki.test.raw"),
-                        windows=2, ctx=512, tasks=tasks, measure_speed=False, threads=2)
+                        windows=2, ctx=512, tasks=tasks, measure_speed=False, threads=args.threads)
     records, meta = compare(cfg, on_record=lambda r: print(f"done: {r['format']}", file=sys.stderr, flush=True),
                             run_dir=args.out)
     sizes = ", ".join(f"{n} {lim or 'all'}" for n, _, lim in tasks)
