@@ -102,6 +102,37 @@ def test_block_path_equals_parts_path(monkeypatch):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.parametrize("make", [_llama, _qwen2])
+def test_bf16_forward(make):
+    """-bf16fwd: calibration passes in bfloat16, solves from float32 weights; the model comes back in
+    float32 with its unquantized parameters bit-identical, and its error stays that of GPTQ."""
+    base = make()
+    calib = _calib()
+    ids = torch.stack(calib)
+    spec = parse_format("gptq-int3-g32-bf16fwd")
+    assert spec.calib_dtype == "bfloat16" and spec.rtn().name == "int3-g32"
+    rtn = quantize_model(copy.deepcopy(base), spec.rtn())
+    full, _ = quantize_calibrated(copy.deepcopy(base), parse_format("gptq-int3-g32"), calib)
+    model, report = quantize_calibrated(copy.deepcopy(base), spec, calib)
+    assert report["calib_dtype"] == "bfloat16" and any("bfloat16" in n for n in report["notes"])
+    assert [b["path"] for b in report["blocks"]] == ["parts", "parts"]
+    kl, kl_full, kl_rtn = _kl(base, model, ids), _kl(base, full, ids), _kl(base, rtn, ids)
+    assert kl < 0.9 * kl_rtn and kl < 1.5 * kl_full
+    ref = base.state_dict()
+    for k, v in model.state_dict().items():
+        assert v.dtype != torch.bfloat16, k
+        if k in ref:  # norms, embeddings, biases: untouched
+            assert torch.equal(v, ref[k]), k
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qs) == 14 and all(m.spec == spec for m in qs)
+
+
+def test_bf16_forward_only_for_gptq():
+    with pytest.raises(QuantscopeError, match="bf16fwd"):
+        parse_format("awq-int4-g128-bf16fwd")
+    assert parse_format("gptq-int4-g128-act-bf16fwd").name == "gptq-int4-g128-act-bf16fwd"
+
+
 def test_batches_of_mixed_lengths_and_progress():
     base = _llama()
     calib = _calib(5, 40) + _calib(3, 24, seed=2)

@@ -12,7 +12,9 @@ Grammar (own formats)::
     intN[-sym]                             per output channel (no grouping)
     nf4[-dq] | fp4[-dq]                    QLoRA codebooks, block-wise absmax (block 64)
     ternary[-gG] | binary[-gG]             experimental, per-group scale (default G=64)
-    gptq-intN-gG[-sym][-act][-dampX][-bB]  calibrated (GPTQ); X = dampening fraction, B = block size
+    gptq-intN-gG[-sym][-act][-dampX][-bB][-bf16fwd]
+                                           calibrated (GPTQ); X = dampening fraction, B = block size;
+                                           -bf16fwd: calibration forward passes in bfloat16
     awq-intN-gG[-sym]                      calibrated (AWQ scale search + clipping)
     awq+gptq-intN-gG[...]                  AWQ scaling, then GPTQ rounding
 """
@@ -45,6 +47,7 @@ class FormatSpec:
     act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
     block_size: int = 128  # GPTQ: columns solved together before the lazy batch update
+    calib_dtype: str = "float32"  # GPTQ: dtype of the calibration forward passes (float32 | bfloat16)
     experimental: bool = False
 
     def __post_init__(self) -> None:
@@ -121,7 +124,7 @@ def parse_format(name: str) -> FormatSpec:
     if m:
         bits = int(m["bits"])
         group = int(m["group"]) if m["group"] else None
-        sym, act, damp, block = False, False, 0.01, 128
+        sym, act, damp, block, fwd = False, False, 0.01, 128, "float32"
         for opt in [o for o in m["rest"].split("-") if o]:
             if opt == "sym":
                 sym = True
@@ -131,6 +134,8 @@ def parse_format(name: str) -> FormatSpec:
                 damp = float(opt[4:])
             elif re.fullmatch(r"b\d+", opt) and method in ("gptq", "awq+gptq"):
                 block = int(opt[1:])
+            elif opt == "bf16fwd" and method == "gptq":
+                fwd = "bfloat16"
             else:
                 raise UnknownFormatError(f"unknown option '-{opt}' in format '{raw}'" + _suggest(name))
         if method == "rtn" and bits == 8 and group is None and sym:
@@ -144,10 +149,12 @@ def parse_format(name: str) -> FormatSpec:
                 canon += f"-damp{damp:g}"
             if block != 128:
                 canon += f"-b{block}"
+            if fwd != "float32":
+                canon += "-bf16fwd"
         if not 0.0 < damp < 1.0:
             raise UnknownFormatError(f"dampening must be in (0, 1) in '{raw}'")
         return FormatSpec(name=canon, family="int", bits=bits, group_size=group, symmetric=sym,
-                          method=method, act_order=act, damp=damp, block_size=block,
+                          method=method, act_order=act, damp=damp, block_size=block, calib_dtype=fwd,
                           experimental=bits <= 2)
     raise UnknownFormatError(f"unknown format '{raw}'" + _suggest(name))
 

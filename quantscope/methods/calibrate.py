@@ -22,6 +22,12 @@ implementations' layer loops (IST-DASLab/gptq ``llama_sequential``, AutoAWQ's ``
 3. the block's linears are replaced by ``QuantLinear`` via ``apply_plan(precomputed=...)``, and the
    block is re-run to turn its inputs into the next block's inputs (computed by the quantized block).
 
+Precision: the forward passes run in float32, or with ``-bf16fwd`` in bfloat16 (the reference runs its
+calibration in fp16 on a GPU; on a CPU with AMX/AVX512-BF16 bfloat16 matmuls are several times faster).
+In bfloat16 the block is cast for its passes only: every solve starts from the float32 weights,
+Hessians are accumulated from the bfloat16 activations in float32/float64, and the block gets its
+exact float32 parameters back before its linears are replaced.
+
 Memory: the calibration activations (one hidden-state tensor per batch, overwritten in place by each
 block's outputs) plus one block's statistics. Selected modules outside the decoder blocks
 (embeddings, ``lm_head``) are rounded to nearest, and the report says so.
@@ -262,20 +268,24 @@ def _parts_match(block: nn.Module, names: list[str], x: torch.Tensor, rest) -> b
     except (QuantscopeError, TypeError, AttributeError):
         return False
     ref = _run(block, x, rest)
-    return all(bool(torch.allclose(m, ref, rtol=1e-5, atol=1e-5)) for m in (mine, via_down))
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-2  # the same ops either way; slack for half precision
+    return all(bool(torch.allclose(m, ref, rtol=tol, atol=tol)) for m in (mine, via_down))
 
 
 # --- per-block methods -------------------------------------------------------------------------
 
-def _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre):
+def _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre, masters=None):
     """GPTQ-solve the linears of `stage` (stacked) from the filled accumulator; install the
-    quantized weights as float stand-ins for the rest of the block's passes."""
+    quantized weights as float stand-ins for the rest of the block's passes. `masters` holds the
+    float32 weights when the block runs in a lower precision (the solve always starts from them)."""
     mods = [block.get_submodule(n) for n in stage]
     H, n_tokens = acc.hessian(), acc.n
-    res = gptq_quantize(torch.cat([m.weight.data for m in mods]), H, spec)
+    weights = [masters[n] if masters else m.weight.data for n, m in zip(stage, mods)]
+    res = gptq_quantize(torch.cat(weights).float(), H, spec)
     sizes = [m.out_features for m in mods]
     for n, m, qt, w in zip(stage, mods, split_rows(res.qtensor, sizes), res.weight.split(sizes)):
-        m.weight.data = w.contiguous()  # equal to qt.dequantize(): later stages see quantized weights
+        # equal to qt.dequantize() (in float32): later stages see quantized weights
+        m.weight.data = w.to(m.weight.dtype).contiguous()
         pre[n] = qt
     secs = time.perf_counter() - t0
     for n in stage:
@@ -284,7 +294,7 @@ def _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre):
             fallback=res.fallback, dead_columns=res.dead_columns, hessian_tokens=n_tokens)
 
 
-def _gptq_parts(block, names, spec, xs, rests, prefix, layers_rec, pre):
+def _gptq_parts(block, names, spec, xs, rests, prefix, layers_rec, pre, masters=None):
     """True-sequential GPTQ on a Llama-style block run as parts; leaves the block's outputs in xs."""
     p = _Parts(block)
     sel = set(names)
@@ -297,7 +307,7 @@ def _gptq_parts(block, names, spec, xs, rests, prefix, layers_rec, pre):
         acc = GPTQ(block.get_submodule(stage[0]).in_features)
         for x in inputs:
             acc.add_batch(x)
-        _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre)
+        _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre, masters)
 
     if stage_of(_QKV):
         accumulate(stage_of(_QKV), (p.norm1(x) for x in xs))
@@ -322,13 +332,13 @@ def _gptq_parts(block, names, spec, xs, rests, prefix, layers_rec, pre):
             xs[j] = p.finish(xs[j])
 
 
-def _gptq_block(block, stages, spec, xs, rests, prefix, layers_rec, pre):
+def _gptq_block(block, stages, spec, xs, rests, prefix, layers_rec, pre, masters=None):
     """True-sequential GPTQ on any block: per stage, re-run the block up to the stage's input."""
     for stage in stages:
         t0 = time.perf_counter()
         acc = GPTQ(block.get_submodule(stage[0]).in_features)
         _feed(block, xs, rests, block.get_submodule(stage[0]), acc.add_batch)
-        _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre)
+        _solve_stage(block, stage, spec, acc, t0, prefix, layers_rec, pre, masters)
 
 
 def _tokens(xs) -> int:
@@ -380,6 +390,23 @@ def _awq_scale(block, stages, spec, xs, rests, prefix, layers_rec, cfg: awq.AWQC
                 awq_scaled_with=[prefix + s for s in sel], awq_folded_into=prefix + group.prev,
                 awq_search_seconds=time.perf_counter() - t1)
     return stats, stage_of
+
+
+def _cast_floats(obj, dtype, memo: dict):
+    """`obj` (nested tuples/lists/dicts of tensors) with its floating tensors cast to `dtype`;
+    objects seen before (batches of one shape share their keyword arguments) are cast once."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = obj.to(dtype) if obj.is_floating_point() else obj
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_cast_floats(o, dtype, memo) for o in obj)
+    elif isinstance(obj, dict):
+        out = {k: _cast_floats(v, dtype, memo) for k, v in obj.items()}
+    else:
+        out = obj
+    memo[id(obj)] = out
+    return out
 
 
 def _subsample(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -446,12 +473,25 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
             report["notes"].append(f"{len(outside)} selected module(s) outside the decoder blocks "
                                    f"rounded to nearest ({spec.rtn().name}), not calibrated")
         xs, rests = _capture_inputs(model, layers[0], _batches(seqs, cfg.batch_size))
+        fwd_dtype = getattr(torch, spec.calib_dtype)
+        if fwd_dtype != torch.float32:
+            memo: dict = {}
+            xs = [x.to(fwd_dtype) for x in xs]
+            rests = [_cast_floats(r, fwd_dtype, memo) for r in rests]
+            report["calib_dtype"] = spec.calib_dtype
+            report["notes"].append(f"calibration forward passes in {spec.calib_dtype} (weights solved from "
+                                   "their float32 values, Hessians accumulated in float32/float64)")
         stage_cache: dict = {}
         for i, block in enumerate(layers):
             t0 = time.perf_counter()
             local = per_block[i]
             bprefix = f"{prefix}.{i}."
             pre: dict[str, QuantizedTensor] = {}
+            saved, masters = None, None
+            if fwd_dtype != torch.float32:  # float32 originals of everything the cast below rounds
+                saved = {k: v for k, v in block.state_dict().items()}
+                masters = {n: block.get_submodule(n).weight.data for n in local}
+                block.to(fwd_dtype)
             if local:
                 key = (type(block), tuple(local))
                 if key not in stage_cache:
@@ -466,10 +506,10 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
                     if spec.method == "awq+gptq":
                         _awq_scale(block, stages, spec, xs, rests, bprefix, report["layers"], cfg.awq)
                     if stage_cache["parts", key]:
-                        _gptq_parts(block, local, spec, xs, rests, bprefix, report["layers"], pre)
+                        _gptq_parts(block, local, spec, xs, rests, bprefix, report["layers"], pre, masters)
                         outputs_done, path = True, "parts"
                     else:
-                        _gptq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre)
+                        _gptq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre, masters)
                 for n in uncalled:
                     report["notes"].append(f"{bprefix}{n} never ran on the calibration data: rounded to nearest")
             else:
@@ -477,6 +517,9 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
             if not outputs_done:  # this block's outputs are the next block's inputs
                 for j in range(len(xs)):
                     xs[j] = _run(block, xs[j], rests[j])
+            if saved is not None:  # back to float32, with the exact original values
+                block.to(torch.float32)
+                block.load_state_dict(saved)
             if local:
                 apply_plan(block, {n: spec if n in pre else spec.rtn() for n in local}, precomputed=pre)
             secs = time.perf_counter() - t0
