@@ -5,6 +5,7 @@
 Embedded SmolLM2-135M; calibration = 128 x 512 tokens from the head of WikiText-2 test; evaluation =
 32 windows of 512 tokens right after them (disjoint). For each calibrated format, its KLD is compared
 with the RTN format of the same storage as a paired difference over windows (bootstrap 95% CI).
+`-bf16fwd` rows run GPTQ's calibration passes in bfloat16 and are paired against the float32 rows.
 Writes benchmarks/results/calibrated.json.
 
 `--llmc` measures quantscope's GPTQ and AWQ against llm-compressor's (needs QUANTSCOPE_LLMC_PYTHON,
@@ -27,7 +28,8 @@ from quantscope.evaluate.stats import paired_bootstrap_ci, significant
 from quantscope.registry import resolve_format
 
 FORMATS = ("int4-g128,gptq-int4-g128,gptq-int4-g128-act,awq-int4-g128,awq+gptq-int4-g128,"
-           "int3-g128,gptq-int3-g128,gptq-int3-g128-act,awq-int3-g128,awq+gptq-int3-g128")
+           "int3-g128,gptq-int3-g128,gptq-int3-g128-act,awq-int3-g128,awq+gptq-int3-g128,"
+           "gptq-int4-g128-bf16fwd,gptq-int3-g128-bf16fwd")
 LLMC_FORMATS = "int4-g64,gptq-int4-g64,gptq-int4-g64-act,awq-int4-g64,llmc-gptq-int4-g64,llmc-awq-int4-g64"
 # each llm-compressor format against quantscope's formats of the same method and storage
 LLMC_PAIRS = (("llmc-gptq-int4-g64", "gptq-int4-g64"), ("llmc-gptq-int4-g64", "gptq-int4-g64-act"),
@@ -76,6 +78,15 @@ def main() -> int:
               f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
         rows.append({"format": name, "rtn": rtn, "kld": r["kld_mean"], "kld_rtn": by[rtn]["kld_mean"],
                      "relative_change": rel, "delta": d, "ci": [lo, hi]})
+    fwd = []
+    print("\nGPTQ with bfloat16 calibration passes vs float32 (KLD, paired over windows):")
+    for name in [n for n in by if n.endswith("-bf16fwd") and n.removesuffix("-bf16fwd") in by]:
+        ref = name.removesuffix("-bf16fwd")
+        d, lo, hi = paired_bootstrap_ci(window_kld(by[ref]), window_kld(by[name]))
+        sig = "significant" if significant(lo, hi) else "within noise"
+        print(f"  {name} {by[name]['kld_mean']:.4f} - {ref} {by[ref]['kld_mean']:.4f} = {d:+.4f} "
+              f"[{lo:+.4f},{hi:+.4f}] {sig}")
+        fwd.append({"format": name, "float32": ref, "delta": d, "ci": [lo, hi]})
     pairs = []
     if args.llmc:
         print("\nllm-compressor vs quantscope, same method and storage (KLD, paired over windows):")
@@ -91,7 +102,8 @@ def main() -> int:
                           "kld_llmc": by[theirs]["kld_mean"], "kld_quantscope": by[ours]["kld_mean"]})
     slim = [{k: v for k, v in r.items() if k != "task_items"} for r in records]
     out = write("calibrated-llmc" if args.llmc else "calibrated",
-                {"meta": meta, "records": slim, "vs_rtn": rows, "llmc_vs_quantscope": pairs})
+                {"meta": meta, "records": slim, "vs_rtn": rows, "bf16fwd_vs_fp32": fwd,
+                 "llmc_vs_quantscope": pairs})
     print(f"\nwrote {out}")
     return 0
 
