@@ -79,8 +79,10 @@ def main() -> int:
         rows.append({"format": name, "rtn": rtn, "kld": r["kld_mean"], "kld_rtn": by[rtn]["kld_mean"],
                      "relative_change": rel, "delta": d, "ci": [lo, hi]})
     fwd = []
-    print("\nGPTQ with bfloat16 calibration passes vs float32 (KLD, paired over windows):")
-    for name in [n for n in by if n.endswith("-bf16fwd") and n.removesuffix("-bf16fwd") in by]:
+    bf16_rows = [n for n in by if n.endswith("-bf16fwd") and n.removesuffix("-bf16fwd") in by]
+    if bf16_rows:
+        print("\nGPTQ with bfloat16 calibration passes vs float32 (KLD, paired over windows):")
+    for name in bf16_rows:
         ref = name.removesuffix("-bf16fwd")
         d, lo, hi = paired_bootstrap_ci(window_kld(by[ref]), window_kld(by[name]))
         sig = "significant" if significant(lo, hi) else "within noise"
