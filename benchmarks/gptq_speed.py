@@ -43,7 +43,7 @@ def main() -> int:
             t0 = time.perf_counter()
             quantize_calibrated(model, parse_format(name), calib)
             runs[name].append({"seconds": time.perf_counter() - t0})
-            print(f"run {rep + 1} {name:<28} {secs:6.1f} s", flush=True)
+            print(f"run {rep + 1} {name:<28} {runs[name][-1]['seconds']:6.1f} s", flush=True)
             del model
     base = formats[0]
     med = {f: statistics.median(r["seconds"] for r in runs[f]) for f in formats}
