@@ -490,7 +490,7 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
             saved, masters = None, None
             if fwd_dtype != torch.float32:  # float32 originals of everything the cast below rounds
                 saved = {k: v for k, v in block.state_dict().items()}
-                masters = {n: block.get_submodule(n).weight.data for n in local}
+                masters = {n: saved[f"{n}.weight"] for n in local}
                 block.to(fwd_dtype)
             if local:
                 key = (type(block), tuple(local))
