@@ -1,6 +1,6 @@
 """Issue 5 benchmark: task accuracy with paired intervals on the embedded model.
 
-    python benchmarks/tasks.py [--formats fp32,int8,int4-g128,nf4,gptq-int4-g128] [--limit N]
+    python benchmarks/tasks.py [--formats fp32,int8,int4-g128,nf4,gptq-int4-g128,awq-int4-g128] [--limit N]
 
 Tasks from ../shared/data at the issue's sizes: ARC-Easy and ARC-Challenge (test, first 500 each),
 HellaSwag (first 500 of the 1,000-record sample), PIQA (validation, first 500), MMLU (all 10 subjects,
@@ -33,7 +33,7 @@ TASKS = (  # (name, path under ../shared/data, first N questions or None for all
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None, help="cap every task at its first N questions")
-    ap.add_argument("--formats", default="fp32,int8,int4-g128,nf4,gptq-int4-g128")
+    ap.add_argument("--formats", default="fp32,int8,int4-g128,nf4,gptq-int4-g128,awq-int4-g128")
     ap.add_argument("--tasks", default=",".join(t for t, _, _ in TASKS))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two benchmarks share 2 cores)")
     ap.add_argument("--out", default="benchmarks/runs/tasks")
