@@ -47,16 +47,7 @@ def comparison_table(records: list[dict]) -> str:
         if r.get("error"):  # a line of its own after the columns: the reason never widens them
             skipped.append((r["format"], "skipped: " + r["error"]))
             continue
-        ci = r.get("perplexity_delta_ci")
-        if r.get("baseline"):
-            delta = "baseline"
-        elif ci:
-            sig = " *" if r.get("perplexity_delta_significant") else ""
-            delta = f"{r['perplexity_delta']:+.3f} [{ci[0]:+.3f},{ci[1]:+.3f}]{sig}"
-        elif r.get("perplexity_delta") is not None:
-            delta = f"{r['perplexity_delta']:+.3f} (no CI: <5 windows)"
-        else:
-            delta = "-"
+        delta = _delta_cell(r)
         rows.append([
             r["format"], _fmt(r.get("bits_per_weight"), ".2f"), fmt_bytes(r.get("weight_bytes")),
             f"{r['perplexity']:.3f}±{r['perplexity_stderr']:.3f}", delta,
@@ -118,19 +109,38 @@ def task_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _delta_cell(r: dict) -> str:
+    """A record's (or a context-sweep cell's) Δppl with its paired interval, or why it has none."""
+    ci = r.get("perplexity_delta_ci")
+    if r.get("baseline"):
+        return "baseline"
+    if ci:
+        sig = " *" if r.get("perplexity_delta_significant") else ""
+        return f"{r['perplexity_delta']:+.3f} [{ci[0]:+.3f},{ci[1]:+.3f}]{sig}"
+    if r.get("perplexity_delta") is not None:
+        return f"{r['perplexity_delta']:+.3f} (no CI: <5 windows)"
+    return "-"
+
+
 def ctx_sweep_table(records: list[dict]) -> str:
+    """--ctx-sweep: per format and context length, perplexity, its paired delta and KLD vs the baseline."""
     lens = sorted({int(L) for r in records for L in (r.get("ctx_sweep") or {})})
     if not lens:
         return ""
-    lines = ["\nlong context (--ctx-sweep): perplexity / KLD mean at each context length"]
-    lines.append("  " + "format".ljust(22) + "".join(f"{L:>22}" for L in lens))
+    head = ["format", "ctx", "tokens", "perplexity", "Δppl [95% CI]", "KLD mean", "top-1"]
+    rows = []
     for r in records:
-        cs = r.get("ctx_sweep") or {}
-        cells = []
         for L in lens:
-            c = cs.get(str(L))
-            cells.append(f"{c['perplexity']:.2f} / {c['kld_mean']:.4f}".rjust(22) if c else "-".rjust(22))
-        lines.append("  " + r["format"].ljust(22) + "".join(cells))
+            c = (r.get("ctx_sweep") or {}).get(str(L))
+            if not c:
+                continue
+            cell = {**c, "baseline": r.get("baseline")}
+            rows.append([r["format"], str(L), str(c["tokens_scored"]),
+                         f"{c['perplexity']:.3f}±{c['perplexity_stderr']:.3f}", _delta_cell(cell),
+                         f"{c['kld_mean']:.4f}±{c['kld_stderr']:.4f}", f"{100 * c['top1_agreement']:.1f}%"])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["\nlong context (--ctx-sweep): the same text in windows of each length, paired with the baseline"]
+    lines += ["  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
     return "\n".join(lines)
 
 

@@ -514,7 +514,8 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
             sc = score_windows(qmodel, wins, reference=reference, score_from=L // 2 if job.score_from > 1 else 1)
             summ = sc.summary()
             rec["ctx_sweep"][str(L)] = {k: summ.get(k) for k in (
-                "tokens_scored", "perplexity", "perplexity_stderr", "kld_mean", "kld_stderr", "top1_agreement")}
+                "tokens_scored", "perplexity", "perplexity_stderr", "kld_mean", "kld_stderr", "top1_agreement",
+                "window_nll", "window_tokens")}  # per window: the paired delta at this length
             if job.is_baseline:
                 rec["ctx_sweep"][str(L)].update({"kld_mean": 0.0, "kld_stderr": 0.0, "top1_agreement": 1.0})
     task_items = {}
@@ -626,6 +627,21 @@ def _error_record(job: Job, message: str) -> dict:
     return {"format": job.format, **job.common, "baseline": job.is_baseline, "error": message}
 
 
+def _perplexity_delta(r: dict, base: dict) -> None:
+    """`perplexity_delta` of r against base, paired over their (identical) windows, with its interval."""
+    from .evaluate import stats
+
+    d, lo, hi = stats.paired_ratio_bootstrap_ci(base["window_nll"], base["window_tokens"],
+                                                r["window_nll"], r["window_tokens"])
+    r["perplexity_delta"] = d
+    if len(r["window_nll"]) < MIN_WINDOWS_FOR_CI:
+        # resampling 1-4 windows gives a degenerate, far too narrow interval: give none
+        r["perplexity_delta_ci"], r["perplexity_delta_significant"] = None, False
+    else:
+        r["perplexity_delta_ci"] = [lo, hi]
+        r["perplexity_delta_significant"] = stats.significant(lo, hi)
+
+
 def add_paired_statistics(records: list[dict]) -> None:
     """Paired deltas against the baseline row (same windows, same questions), in place.
 
@@ -633,7 +649,6 @@ def add_paired_statistics(records: list[dict]) -> None:
     head of the text (GPTQ/AWQ, mixed-auto) shift the evaluation windows past it, and `recommend`
     measures such formats in their own comparison. Each record is paired with the baseline scored on
     its windows (same `window_start_token`)."""
-    from .evaluate import stats
 
     baselines = [r for r in records if r.get("baseline") and "error" not in r]
     if not baselines:
@@ -648,15 +663,13 @@ def add_paired_statistics(records: list[dict]) -> None:
         if r is base or r.get("baseline"):
             r["perplexity_delta"], r["perplexity_delta_ci"] = 0.0, [0.0, 0.0]
         else:
-            d, lo, hi = stats.paired_ratio_bootstrap_ci(base["window_nll"], base["window_tokens"],
-                                                        r["window_nll"], r["window_tokens"])
-            r["perplexity_delta"] = d
-            if len(r["window_nll"]) < MIN_WINDOWS_FOR_CI:
-                # resampling 1-4 windows gives a degenerate, far too narrow interval: give none
-                r["perplexity_delta_ci"], r["perplexity_delta_significant"] = None, False
-            else:
-                r["perplexity_delta_ci"] = [lo, hi]
-                r["perplexity_delta_significant"] = stats.significant(lo, hi)
+            _perplexity_delta(r, base)
+        for L, cell in (r.get("ctx_sweep") or {}).items():
+            base_cell = (base.get("ctx_sweep") or {}).get(L)
+            if r is base or r.get("baseline"):
+                cell["perplexity_delta"], cell["perplexity_delta_ci"] = 0.0, [0.0, 0.0]
+            elif base_cell and "window_nll" in cell and "window_nll" in base_cell:
+                _perplexity_delta(cell, base_cell)
         if "task_items" in r:
             r["tasks"] = _task_summaries(r, base)
             if r is not base and not r.get("baseline"):

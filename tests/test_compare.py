@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from quantscope.cli import ctx_sweep_table
 from quantscope.compare import CompareConfig, compare
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats import parse_format
@@ -117,7 +118,28 @@ def test_compare_ctx_sweep(tiny_model_dir):
     for r in records:
         assert set(r["ctx_sweep"]) == {"16", "64"}
         assert r["ctx_sweep"]["16"]["tokens_scored"] == 4 * 15
-    assert records[1]["ctx_sweep"]["64"]["kld_mean"] > 0
+    base, q = records
+    assert q["ctx_sweep"]["64"]["kld_mean"] > 0
+    # each length is paired with the baseline at that length: the delta is the difference of the two
+    # perplexities on the same windows; 4 windows of 16 are too few for an interval, and say so
+    for L in ("16", "64"):
+        assert base["ctx_sweep"][L]["perplexity_delta"] == 0.0
+        b, c = base["ctx_sweep"][L]["perplexity"], q["ctx_sweep"][L]["perplexity"]
+        assert q["ctx_sweep"][L]["perplexity_delta"] == pytest.approx(c - b, abs=1e-5 * b)  # float32 window sums
+    assert q["ctx_sweep"]["16"]["perplexity_delta_ci"] is None
+    assert "no CI" in ctx_sweep_table(records)
+
+
+def test_ctx_sweep_interval_with_enough_windows(tiny_model_dir):
+    """With five or more windows at a length, its delta gets a paired interval that contains the delta."""
+    d, text = tiny_model_dir
+    cfg = CompareConfig(model=str(d), text=str(text), formats=("int4-g128",), ctx=32, windows=4,
+                        isolate=False, measure_speed=False, ctx_sweep=(16,))
+    _, q = compare(cfg)[0]
+    cell = q["ctx_sweep"]["16"]
+    lo, hi = cell["perplexity_delta_ci"]
+    assert len(cell["window_nll"]) == 8 and lo <= cell["perplexity_delta"] <= hi
+    assert cell["perplexity_delta_significant"] == (lo > 0 or hi < 0)
 
 
 def test_served_reference_equals_side_by_side(tiny_model_dir):
