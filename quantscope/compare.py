@@ -19,7 +19,7 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -137,7 +137,7 @@ def _baseline_name(dtype: str) -> str:
 
 def prepare(config: CompareConfig) -> Prepared:
     """Validate the inputs and build one job per format; raises QuantscopeError on any bad input."""
-    from .evaluate.text import load_text, make_windows, tokenize
+    from .evaluate.text import head_samples, load_text, make_windows, tokenize
     from .model.load import load_config, load_tokenizer, resolve
 
     specs = []
@@ -182,15 +182,12 @@ def prepare(config: CompareConfig) -> Prepared:
             cids = tokenize(tok, ctext.text)
             cname = ctext.name
             notes.append(f"calibration: {config.calib_samples} x {config.calib_seqlen} tokens from the head of {cname}")
-        if len(cids) < config.calib_seqlen:
-            raise QuantscopeError(f"calibration text {cname} has {len(cids)} tokens, fewer than one "
-                                  f"sample of --calib-seqlen {config.calib_seqlen}")
-        n = min(config.calib_samples, len(cids) // config.calib_seqlen)
+        calib = head_samples(cids, config.calib_samples, config.calib_seqlen, cname)
+        n = calib.shape[0]
         if n < config.calib_samples:
             notes.append(f"calibration text has room for only {n} samples of {config.calib_seqlen} tokens")
             if cids is ids:
                 start = n * config.calib_seqlen
-        calib = cids[: n * config.calib_seqlen].view(n, config.calib_seqlen).clone()
     windows = make_windows(ids, config.ctx, config.windows, start=start, source=text.name)
     overlap = calibration_overlap(calib, windows) if calib is not None else None
     # disjoint text still shares common phrases (0.3% of 8-grams between disjoint halves of
@@ -779,9 +776,14 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
         for job in prep.jobs:
             key = job_key(job) if run_dir is not None else None
             rec = store.get(key) if store else None
-            if rec is not None and job.is_baseline and job.ref_mode == "export" and store and any(
+            if rec is not None and job.is_baseline and job.ref_mode == "export" and any(
                     not store.has(job_key(j)) for j in prep.jobs[1:]):
-                rec = None  # stored, but the formats still to measure need its log-probabilities: one pass
+                # stored, but the formats still to measure need its log-probabilities: one pass over the
+                # windows only (its tasks, context sweep and speed are in the stored record)
+                again = run_job(replace(job, tasks=(), sweep_windows={}, measure_speed=False, lm_eval={}),
+                                isolate=config.isolate, refs=refs)
+                if again.get("error"):
+                    raise QuantscopeError(f"the baseline could not be measured: {again['error']}")
             if rec is not None:
                 rec = dict(rec, reused=True)
             else:

@@ -219,3 +219,26 @@ def test_a_tied_embedding_counts_once_in_bits_per_weight(tiny_model_dir):
     params = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2)  # tied head not listed again
     assert fp32["quantized_params"] == int8["quantized_params"] == params
     assert 8.0 < int8["bits_per_weight"] < 9.0
+
+
+def test_new_format_reuses_the_stored_baseline_tasks(tiny_model_dir, tmp_path, monkeypatch):
+    """A format added to a stored run: the baseline is scored again over its windows only (to serve its
+    log-probabilities), its tasks are not; the new format's KLD equals a fresh run's."""
+    import quantscope.evaluate.tasks as tasks_mod
+    from test_tasks import FIXTURES
+
+    d, text = tiny_model_dir
+    common = dict(model=str(d), text=str(text), ctx=32, windows=5, isolate=False, measure_speed=False,
+                  tasks=(("jsonl", str(FIXTURES / "known_answer.jsonl")),))
+    run = tmp_path / "run"
+    compare(CompareConfig(formats=("int8",), **common), run_dir=run)
+    scored = []
+    real = tasks_mod.score_task
+    monkeypatch.setattr(tasks_mod, "score_task", lambda model, tok, task, **k: scored.append(task.name) or real(model, tok, task, **k))
+    records, _ = compare(CompareConfig(formats=("int8", "int4-g128"), **common), run_dir=run)
+    assert scored == ["jsonl"]  # the new format's, not the baseline's again
+    by = {r["format"]: r for r in records}
+    assert by["fp32"].get("reused") and by["int8"].get("reused") and not by["int4-g128"].get("reused")
+    assert by["int4-g128"]["tasks"]["jsonl"]["n"] == by["fp32"]["tasks"]["jsonl"]["n"]
+    fresh, _ = compare(CompareConfig(formats=("int4-g128",), **common))
+    assert by["int4-g128"]["kld_mean"] == pytest.approx(fresh[1]["kld_mean"], rel=1e-6)

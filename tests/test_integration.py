@@ -70,3 +70,26 @@ def test_llama_cpp_rows_through_the_harness(tmp_path):
     assert by["llamacpp-q8_0"]["backend"] == "llama.cpp" and by["llamacpp-q8_0"]["backend_version"]
     assert by["llamacpp-q4_k_m"]["gguf_tensor_types"].get("F32", 0) >= 1  # norms and the embedding
     assert by["llamacpp-q8_0"]["decode_tokens_per_s"] > 0 and by["llamacpp-q8_0"]["prefill_tokens_per_s"] > 0
+
+
+def test_save_embedded_int4_g64_checkpoint(embedded, tmp_path):
+    """`quantscope save` on the embedded model: a compressed-tensors checkpoint that reads back exactly;
+    group 128 is refused (576 inputs are not whole groups) before anything is written."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("compressed_tensors")
+    cmd = [sys.executable, "-m", "quantscope.cli", "save", "--threads", "1", "--json"]
+    bad = subprocess.run(cmd + ["int4-g128", "--out", str(tmp_path / "g128")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "whole groups" in bad.stderr and "Traceback" not in bad.stderr
+    assert not any(tmp_path.iterdir())
+    r = subprocess.run(cmd + ["int4-g64", "--out", str(tmp_path / "g64")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["linears"] == 210 and rep["max_weight_diff"] == 0.0 and rep["max_logit_diff"] < 1e-3
+    # 4-bit codes + fp32 scales and zero points of 30 x 7 linears, plus the fp32 embedding (tied head)
+    assert 100 * 2**20 < rep["file_bytes"] < 200 * 2**20
+    meta = json.loads((tmp_path / "g64" / "quantscope.json").read_text())
+    assert meta["format"] == "int4-g64" and "dequantized" in meta["notes"][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g64"]

@@ -88,3 +88,13 @@ def make_windows(ids: torch.Tensor, ctx: int, n: int, start: int = 0, source: st
         raise QuantscopeError(f"{source} has {len(ids) - start} tokens after position {start}: "
                               f"room for {avail} windows of {ctx}, {n} requested")
     return ids[start:start + n * ctx].view(n, ctx).clone()
+
+
+def head_samples(ids: torch.Tensor, samples: int, seqlen: int, source: str = "text") -> torch.Tensor:
+    """Calibration samples: the first `samples` x `seqlen` tokens as [n, seqlen] (n < samples when the
+    text is shorter; at least one sample, or a one-line error)."""
+    if len(ids) < seqlen:
+        raise QuantscopeError(f"calibration text {source} has {len(ids)} tokens, fewer than one "
+                              f"sample of --calib-seqlen {seqlen}")
+    n = min(samples, len(ids) // seqlen)
+    return ids[: n * seqlen].view(n, seqlen).clone()

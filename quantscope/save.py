@@ -1,0 +1,118 @@
+"""`quantscope save`: quantize a model into one format and write a checkpoint that serving engines load.
+
+Load -> (calibrate on the head of a text) -> quantize -> write compressed-tensors (see
+:mod:`quantscope.model.export` for the format, its limits and the check made before anything appears).
+Bad input — unknown format, a format with no compressed-tensors encoding, an existing output folder,
+a missing model — fails with one line before the model is loaded where it can.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .errors import QuantscopeError
+from .formats.spec import FormatSpec
+from .registry import BackendFormat, resolve_format
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    format: str  # a quantscope integer format: intN[-gG][-sym], int8, gptq-..., awq-..., mixed-... of them
+    out: str  # the checkpoint folder to create (must not exist: nothing is overwritten)
+    model: str = "default"  # as for compare: 'default' (embedded SmolLM2), a HF folder, a Hub id, a .gguf
+    calib: str = "python-docs"  # calibration text of GPTQ/AWQ/mixed-auto: its head is used
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    threads: int | None = None
+    trust_remote_code: bool = False
+    check_tokens: int = 64  # tokens of the text whose logits are compared after reloading the checkpoint
+
+    def __post_init__(self):
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise QuantscopeError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+        if self.check_tokens < 2:
+            raise QuantscopeError("--check-tokens must be at least 2")
+
+
+def _integer_formats(spec) -> list[FormatSpec]:
+    """The own formats `spec` quantizes layers into (a mixed plan's ladder or parts), or a one-line refusal."""
+    from .methods.mixed import MixedSpec
+
+    if isinstance(spec, BackendFormat):
+        raise QuantscopeError(f"'{spec.name}' is made by {spec.backend}: save it with that library; quantscope "
+                              "saves its own integer formats as compressed-tensors checkpoints")
+    if isinstance(spec, MixedSpec):
+        names = spec.ladder if spec.kind == "auto" else (spec.base, spec.wide)
+        parts = [resolve_format(n) for n in names]
+        for p in parts:
+            _integer_formats(p)
+        return parts
+    if spec.family != "int" or not 2 <= spec.bits <= 8:
+        raise QuantscopeError(f"format '{spec.name}' has no compressed-tensors encoding; saving supports integer "
+                              "formats (intN[-gG][-sym], int8, gptq-/awq- and mixed plans of them)")
+    return [spec]
+
+
+def _check_geometry(model, spec, include, exclude) -> None:
+    """Every selected linear must take the format's groups whole: refuse before minutes of quantizing."""
+    from torch import nn
+
+    from .model.export import weight_args
+    from .model.swap import select_modules
+
+    mods = dict(model.named_modules())
+    names = select_modules(model, include, exclude)
+    emb = [n for n in names if isinstance(mods[n], nn.Embedding)]
+    if emb:
+        raise QuantscopeError(f"saving quantized embeddings is not supported ({emb[0]}): quantize the linears only")
+    for part in _integer_formats(spec):
+        for n in names:
+            weight_args(part, mods[n].in_features, n)
+
+
+def save(config: SaveConfig):
+    """Quantize `config.model` into `config.format` and write it to `config.out`; returns a SaveReport."""
+    from pathlib import Path
+
+    import torch
+
+    from . import __version__
+    from .api import quantize
+    from .compare import _needs_calib
+    from .evaluate.text import head_samples, load_text, tokenize
+    from .model.export import _import_ct, save_compressed_tensors
+    from .model.load import load_model
+
+    spec = resolve_format(config.format)
+    _integer_formats(spec)
+    _import_ct()  # the install hint before minutes of loading and quantizing
+    out = Path(config.out)
+    if out.exists():
+        raise QuantscopeError(f"{out} already exists: choose a new folder (nothing is overwritten)")
+    if not out.parent.is_dir():
+        raise QuantscopeError(f"{out.parent} is not a directory")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    lm = load_model(config.model, trust_remote_code=config.trust_remote_code)
+    _check_geometry(lm.model, spec, config.include, config.exclude)
+    text = load_text(config.calib)
+    ids = tokenize(lm.tokenizer, text.text)
+    calib = None
+    provenance = {"format": spec.name, "model": lm.info.name, "model_ref": config.model,
+                  "model_fingerprint": lm.info.fingerprint, "include": list(config.include),
+                  "exclude": list(config.exclude), "quantscope": __version__,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": list(lm.info.notes)}
+    if _needs_calib(spec):
+        calib = head_samples(ids, config.calib_samples, config.calib_seqlen, text.name)
+        provenance["calibration"] = {"text": text.name, "text_sha256": text.sha256, "samples": int(calib.shape[0]),
+                                     "seqlen": config.calib_seqlen}
+    check = ids[: config.check_tokens]
+    if len(check) < 2:
+        raise QuantscopeError(f"{text.name} has fewer than 2 tokens: nothing to check the saved model on")
+    t0 = time.perf_counter()
+    model = quantize(lm.model, spec, config.include, config.exclude, calib=list(calib) if calib is not None else None)
+    provenance["quantize_seconds"] = time.perf_counter() - t0
+    return save_compressed_tensors(model, lm.tokenizer, out, check, provenance)
