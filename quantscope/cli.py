@@ -563,6 +563,8 @@ def _cmd_save(args) -> int:
     print(f"checked by loading it back with transformers + compressed-tensors {r.versions['compressed-tensors']}: "
           f"weights identical (max |Δ| {r.max_weight_diff:g}), logits on {r.check_tokens} tokens within "
           f"{r.max_logit_diff:.2g} of the in-memory model")
+    for n in r.notes:
+        print(f"note: {n}")
     return 0
 
 

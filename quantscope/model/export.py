@@ -15,6 +15,9 @@ the `quantization_config` into config.json. Only the mapping from quantscope's s
 compressed-tensors' scheme is written here; the packing, the file layout and the config are the
 library's, so what vLLM expects is what compressed-tensors writes.
 
+Not tested here (no GPU, no vLLM): serving the file with vLLM. vLLM's compressed-tensors WNA16 scheme takes
+4- and 8-bit weights; 2- and 3-bit layers are written (the format allows 1-8 bits) with a note saying so.
+
 Limits that come from the format, not from quantscope: compressed-tensors (and vLLM) need whole groups,
 so a layer whose input width is not a multiple of the group size (576 inputs with groups of 128, the
 embedded SmolLM2) cannot be saved with that group size — the error names a group size that fits.
@@ -59,6 +62,7 @@ class SaveReport:
     max_logit_diff: float  # max |reloaded logits - in-memory logits| on the check tokens
     check_tokens: int
     versions: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -236,10 +240,13 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
         groups = {g: {"weights": s.weights.model_dump(include={"num_bits", "type", "symmetric", "strategy", "group_size"}),
                       "layers": len(s.targets)} for g, s in qconfig.config_groups.items()}
         versions = {p: md.version(p) for p in ("compressed-tensors", "transformers", "torch")}
+        odd = sorted({v["weights"]["num_bits"] for v in groups.values()} - {4, 8})
+        notes = [f"{'/'.join(map(str, odd))}-bit layers: a valid compressed-tensors file, but vLLM's WNA16 kernels "
+                 "take 4- and 8-bit weights only"] if odd else []
         report = SaveReport(out=str(out), linears=len(weights), groups=groups,
                             file_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
                             max_weight_diff=wdiff, max_logit_diff=ldiff, check_tokens=int(check_ids.numel()),
-                            versions=versions)
+                            versions=versions, notes=notes)
         (tmp / "quantscope.json").write_text(json.dumps({**provenance, "checkpoint": report.as_dict()}, indent=2))
         os.replace(tmp, out)
     except BaseException:
