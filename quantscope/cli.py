@@ -560,9 +560,9 @@ def _cmd_save(args) -> int:
         w = v["weights"]
         print(f"  {g}: {v['layers']} layers, int{w['num_bits']} {'symmetric' if w['symmetric'] else 'asymmetric'}, "
               + (f"groups of {w['group_size']}" if w["strategy"] == "group" else "per output channel"))
-    print(f"checked by loading it back with transformers + compressed-tensors {r.versions['compressed-tensors']}: "
-          f"weights identical (max |Δ| {r.max_weight_diff:g}), logits on {r.check_tokens} tokens within "
-          f"{r.max_logit_diff:.2g} of the in-memory model")
+    print(f"read back before it was moved into place (compressed-tensors {r.versions['compressed-tensors']} unpacked "
+          f"every layer, transformers rebuilt the model): weights identical to quantscope's (max |Δ| "
+          f"{r.max_weight_diff:g}); logits on {r.check_tokens} tokens: max |Δ| {r.max_logit_diff:.2g}")
     for n in r.notes:
         print(f"note: {n}")
     return 0
