@@ -85,6 +85,12 @@ def task_table(records: list[dict]) -> str:
                 sig = " *" if t.get("significant") else ""
                 line += (f"  Δ {100 * t['delta']:+.1f} pts [{100 * dci[0]:+.1f},{100 * dci[1]:+.1f}]{sig}"
                          f"  McNemar p={t['mcnemar_p']:.3g}")
+            if t.get("perplexity") is not None:  # LAMBADA: the perplexity of the target word
+                line += f"  last-word ppl {t['perplexity']:.2f}±{t['perplexity_stderr']:.2f}"
+                pci = t.get("perplexity_delta_ci")
+                if pci and not r.get("baseline"):
+                    sig = " *" if pci[0] > 0 or pci[1] < 0 else ""
+                    line += f" Δ {t['perplexity_delta']:+.2f} [{pci[0]:+.2f},{pci[1]:+.2f}]{sig}"
             lines.append(line)
     cats = sorted({c for r in records for c in (r.get("task_categories") or {})})
     if cats:

@@ -209,3 +209,17 @@ def test_task_table_shows_each_task_and_where_each_format_loses():
     assert "reasoning" in lines[i + 1]
     assert lines[i + 2].split()[0] == "int4-g128" and "-10.0 [-16.0,-4.0] *" in lines[i + 2]
     assert lines[i + 3].strip() == "reasoning: arc-easy"
+
+
+def test_task_table_shows_lambada_last_word_perplexity():
+    from quantscope.cli import task_table
+
+    t = {"n": 50, "acc": 0.3, "acc_ci": [0.2, 0.4], "category": "language-modelling", "perplexity": 60.0,
+         "perplexity_stderr": 9.0}
+    q = {**t, "acc": 0.2, "delta": -0.1, "delta_ci": [-0.2, 0.0], "significant": False, "mcnemar_p": 0.06,
+         "perplexity": 70.5, "perplexity_delta": 10.5, "perplexity_delta_ci": [2.25, 19.0]}
+    lines = task_table([{"format": "fp32", "baseline": True, "tasks": {"lambada": t}},
+                        {"format": "nf4", "tasks": {"lambada": q}}]).splitlines()
+    assert any(ln.strip().startswith("fp32") and ln.endswith("last-word ppl 60.00±9.00") for ln in lines)
+    assert any(ln.strip().startswith("nf4") and "Δ -10.0 pts [-20.0,+0.0]  McNemar" in ln
+               and ln.endswith("last-word ppl 70.50±9.00 Δ +10.50 [+2.25,+19.00] *") for ln in lines)
