@@ -18,7 +18,7 @@ import sys
 from _common import shared, write
 
 from quantscope.cli import task_table
-from quantscope.compare import CompareConfig, compare
+from quantscope.compare import CompareConfig, compare, paired_tasks
 
 TASKS = (  # (name, path under ../shared/data, first N questions or None for all)
     ("arc-easy", "arc/ARC-Easy-Test.jsonl", 500),
@@ -28,6 +28,8 @@ TASKS = (  # (name, path under ../shared/data, first N questions or None for all
     ("mmlu", "mmlu/test", None),
     ("lambada", "lambada/lambada_test.jsonl", 1000),
 )
+# calibrated formats against round-to-nearest on the same integer grid, paired question by question
+VERSUS = {"gptq-int4-g128": "int4-g128", "awq-int4-g128": "int4-g128"}
 
 
 def main() -> int:
@@ -51,9 +53,17 @@ def main() -> int:
     sizes = ", ".join(f"{n} {lim or 'all'}" for n, _, lim in tasks)
     print(f"model: {meta['model']}; questions per task (first N): {sizes}")
     print(task_table(records))
+    by = {r["format"]: r for r in records if not r.get("error")}
+    versus = {}
+    for fmt, ref in VERSUS.items():
+        if fmt in by and ref in by:
+            versus[fmt] = paired_tasks(by[fmt], by[ref])
+    if versus:
+        print("\ncalibrated vs round-to-nearest on the same grid (Δ = calibrated - RTN, the same questions)")
+        print(task_table(list(versus.values()), paired_with="round-to-nearest int4-g128"))
     print("\n* = paired 95% interval of the accuracy delta excludes zero")
     slim = [{k: v for k, v in r.items() if k != "task_items"} for r in records]
-    out = write("tasks", {"meta": meta, "records": slim})
+    out = write("tasks", {"meta": meta, "records": slim, "calibrated_vs_rtn": versus})
     print(f"\nwrote {out}")
     return 0
 

@@ -65,7 +65,7 @@ def comparison_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def task_table(records: list[dict]) -> str:
+def task_table(records: list[dict], paired_with: str = "the baseline") -> str:
     names = sorted({t for r in records for t in (r.get("tasks") or {})})
     if not names:
         return ""
@@ -94,7 +94,7 @@ def task_table(records: list[dict]) -> str:
             lines.append(line)
     cats = sorted({c for r in records for c in (r.get("task_categories") or {})})
     if cats:
-        lines.append("\nwhere each format loses: accuracy change per category, questions pooled, paired with the baseline")
+        lines.append(f"\nwhere each format loses: accuracy change per category, questions pooled, paired with {paired_with}")
         lines.append("  " + "format".ljust(22) + "".join(c.rjust(30) for c in cats))
         for r in records:
             tc = r.get("task_categories") or {}

@@ -755,6 +755,14 @@ def _category_summaries(r: dict, base: dict) -> dict:
     return category_deltas(pairs, {n: r["tasks"][n]["category"] for n in pairs}) if pairs else {}
 
 
+def paired_tasks(r: dict, ref: dict) -> dict:
+    """`r`'s task accuracy paired with any other record `ref` answering the same questions (GPTQ against
+    round-to-nearest on the same grid, say): a record-shaped dict whose deltas are r minus ref."""
+    tasks = _task_summaries(r, ref)
+    return {"format": f"{r['format']} - {ref['format']}", "tasks": tasks,
+            "task_categories": _category_summaries({**r, "tasks": tasks}, ref)}
+
+
 def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,
             run_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
     """Run the comparison: (records, meta). `on_record` sees each record as it is finished.

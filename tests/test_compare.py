@@ -242,3 +242,23 @@ def test_new_format_reuses_the_stored_baseline_tasks(tiny_model_dir, tmp_path, m
     assert by["int4-g128"]["tasks"]["jsonl"]["n"] == by["fp32"]["tasks"]["jsonl"]["n"]
     fresh, _ = compare(CompareConfig(formats=("int4-g128",), **common))
     assert by["int4-g128"]["kld_mean"] == pytest.approx(fresh[1]["kld_mean"], rel=1e-6)
+
+
+def test_paired_tasks_between_two_formats():
+    """Any two records answering the same questions pair: delta = a - b with McNemar on the discordant pairs."""
+    from quantscope.compare import paired_tasks
+
+    def rec(fmt, correct):
+        items = {"task": "arc-easy", "kind": "mc", "item_ids": [str(i) for i in range(len(correct))],
+                 "loglik": [[0.0, -1.0]] * len(correct), "correct": correct, "correct_norm": correct}
+        return {"format": fmt, "task_items": {"arc-easy": items}}
+
+    a = rec("gptq", [1] * 30 + [0] * 10)
+    b = rec("rtn", [1] * 20 + [0] * 20)  # a is right on 10 questions b gets wrong, never the reverse
+    p = paired_tasks(a, b)
+    t = p["tasks"]["arc-easy"]
+    assert p["format"] == "gptq - rtn" and t["delta"] == pytest.approx(0.25)
+    assert t["mcnemar_p"] == pytest.approx(2 * 0.5 ** 10) and t["significant"] and t["delta_ci"][0] > 0
+    assert p["task_categories"]["reasoning"]["delta"] == pytest.approx(0.25)
+    same = paired_tasks(a, rec("gptq-again", [1] * 30 + [0] * 10))["tasks"]["arc-easy"]
+    assert same["delta"] == 0 and same["delta_ci"][0] <= 0 <= same["delta_ci"][1] and not same["significant"]
