@@ -50,9 +50,9 @@ def _integer_formats(spec) -> list[FormatSpec]:
         for p in parts:
             _integer_formats(p)
         return parts
-    if spec.family != "int" or not 2 <= spec.bits <= 8:
-        raise QuantscopeError(f"format '{spec.name}' has no compressed-tensors encoding; saving supports integer "
-                              "formats (intN[-gG][-sym], int8, gptq-/awq- and mixed plans of them)")
+    from .model.export import require_integer
+
+    require_integer(spec)
     return [spec]
 
 
@@ -60,14 +60,14 @@ def _check_geometry(model, spec, include, exclude) -> None:
     """Every selected linear must take the format's groups whole: refuse before minutes of quantizing."""
     from torch import nn
 
-    from .model.export import weight_args
+    from .model.export import refuse_embedding, weight_args
     from .model.swap import select_modules
 
     mods = dict(model.named_modules())
     names = select_modules(model, include, exclude)
     emb = [n for n in names if isinstance(mods[n], nn.Embedding)]
     if emb:
-        raise QuantscopeError(f"saving quantized embeddings is not supported ({emb[0]}): quantize the linears only")
+        refuse_embedding(emb[0])
     for part in _integer_formats(spec):
         for n in names:
             weight_args(part, mods[n].in_features, n)
@@ -83,17 +83,14 @@ def save(config: SaveConfig):
     from .api import quantize
     from .compare import _needs_calib
     from .evaluate.text import head_samples, load_text, tokenize
-    from .model.export import _import_ct, save_compressed_tensors
+    from .model.export import _import_ct, check_out_dir, save_compressed_tensors
     from .model.load import load_model
 
     spec = resolve_format(config.format)
     _integer_formats(spec)
     _import_ct()  # the install hint before minutes of loading and quantizing
     out = Path(config.out)
-    if out.exists():
-        raise QuantscopeError(f"{out} already exists: choose a new folder (nothing is overwritten)")
-    if not out.parent.is_dir():
-        raise QuantscopeError(f"{out.parent} is not a directory")
+    check_out_dir(out)  # before minutes of loading and quantizing
     if config.threads:
         torch.set_num_threads(config.threads)
     lm = load_model(config.model, trust_remote_code=config.trust_remote_code)

@@ -84,8 +84,6 @@ def test_mixed_plan_becomes_one_group_per_format(tmp_path):
     fmts = {n: m.spec.name for n, m in quantized_modules(model)}
     deq = {n: m.dequantized_weight() for n, m in quantized_modules(model)}
     ids = torch.arange(30) % 256
-    with torch.no_grad():
-        want = model(input_ids=ids.unsqueeze(0)).logits[0]
     report = save_compressed_tensors(model, None, tmp_path / "m", ids, {})
     qc = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     by_bits = {g["weights"]["num_bits"]: set(g["targets"]) for g in qc["config_groups"].values()}
@@ -105,7 +103,6 @@ def test_mixed_plan_becomes_one_group_per_format(tmp_path):
         w = comp.decompress(own, QuantizationScheme.model_validate(g))["weight"]
         assert torch.equal(w, deq[name]), name
     assert report.max_weight_diff == 0.0 and report.max_logit_diff < 1e-5
-    assert want.abs().max() > 0
 
 
 def test_refusals_name_the_reason():

@@ -23,9 +23,10 @@ so a layer whose input width is not a multiple of the group size (576 inputs wit
 embedded SmolLM2) cannot be saved with that group size — the error names a group size that fits.
 Quantized embeddings are refused (the tensors that are saved quantized are the linears).
 
-Every checkpoint is verified before it appears: it is loaded back with transformers + compressed-
-tensors (dequantizing loader), every quantized weight is compared with quantscope's, and the logits
-of a few tokens with the in-memory quantized model's; the numbers go in the report and in
+Every checkpoint is verified before it appears: compressed-tensors' decompressor unpacks every layer
+under its own config group, every weight is compared with quantscope's (they must be identical), and
+transformers rebuilds the model from the file so the logits of a few tokens can be compared with the
+in-memory quantized model's; the numbers go in the report and in
 `quantscope.json` beside the weights. Files are written into a temporary folder next to the target
 and renamed into place only after the check, so a failed or killed save leaves nothing behind.
 """
@@ -84,11 +85,29 @@ def _import_ct():
     return ModelCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
 
 
+def require_integer(spec, where: str = "") -> None:
+    """Refuse, in one line, a format that has no compressed-tensors integer encoding."""
+    if spec.family != "int" or not 2 <= spec.bits <= 8:
+        raise QuantscopeError(f"{where}format '{spec.name}' has no compressed-tensors encoding; saving supports "
+                              "integer formats (intN[-gG][-sym], int8, gptq-/awq- and mixed plans of them)")
+
+
+def refuse_embedding(name: str) -> None:
+    raise QuantscopeError(f"saving quantized embeddings is not supported ({name}): quantize the linears only "
+                          "(leave out --include embed_tokens)")
+
+
+def check_out_dir(out: Path) -> None:
+    """The checkpoint folder must be new, in an existing folder: nothing is ever overwritten."""
+    if out.exists():
+        raise QuantscopeError(f"{out} already exists: choose a new folder (nothing is overwritten)")
+    if not out.parent.is_dir():
+        raise QuantscopeError(f"{out.parent} is not a directory")
+
+
 def weight_args(spec, in_features: int, layer: str) -> dict:
     """compressed-tensors' weight quantization arguments for one quantscope-quantized linear."""
-    if spec.family != "int" or not 2 <= spec.bits <= 8:
-        raise QuantscopeError(f"{layer}: format '{spec.name}' has no compressed-tensors encoding; saving "
-                              "supports integer formats (intN[-gG][-sym], int8, gptq-/awq- and mixed plans of them)")
+    require_integer(spec, f"{layer}: ")
     g = spec.group_size
     if g is not None and in_features % g:
         fits = [d for d in (256, 128, 64, 32, 16) if in_features % d == 0]
@@ -105,8 +124,7 @@ def _to_compressed_tensors(model: nn.Module) -> tuple[object, dict]:
     _, QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_config = _import_ct()
     emb = [n for n, m in model.named_modules() if isinstance(m, (QuantEmbedding, TiedQuantHead))]
     if emb:
-        raise QuantscopeError(f"saving quantized embeddings is not supported ({emb[0]}): quantize the linears "
-                              "only (leave out --include embed_tokens)")
+        refuse_embedding(emb[0])
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not linears:
         raise QuantscopeError("nothing to save: the model has no quantscope-quantized linear layers")
@@ -166,16 +184,17 @@ def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, wan
     for g in qcfg["config_groups"].values():
         scheme = QuantizationScheme.model_validate(g)
         scheme_of.update({t: scheme for t in scheme.targets})
-    tensors = {}
+    by_module: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {parameter name: tensor}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+            for k in h.keys():
+                mod, _, param = k.rpartition(".")
+                by_module.setdefault(mod, {})[param] = h.get_tensor(k)
     state, worst = {}, 0.0
     for name, w in weights.items():
         if name not in scheme_of:
             raise QuantscopeError(f"internal: {name} is in no config group of the saved checkpoint")
-        own = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-        got = compressor.decompress(own, scheme_of[name])
+        got = compressor.decompress(by_module.pop(name, {}), scheme_of[name])
         dense = got["weight"].float()
         if dense.shape != w.shape:
             raise QuantscopeError(f"internal: {name} came back with shape {tuple(dense.shape)}, not {tuple(w.shape)}")
@@ -183,7 +202,7 @@ def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, wan
         state[name + ".weight"] = dense
         if "bias" in got:
             state[name + ".bias"] = got["bias"]
-    state.update(tensors)
+    state.update({f"{mod}.{param}": t for mod, params in by_module.items() for param, t in params.items()})
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     with _quiet():
@@ -207,10 +226,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
 
     ModelCompressor = _import_ct()[0]
     out = Path(out)
-    if out.exists():
-        raise QuantscopeError(f"{out} already exists: choose a new folder (nothing is overwritten)")
-    if not out.parent.is_dir():
-        raise QuantscopeError(f"{out.parent} is not a directory")
+    check_out_dir(out)
     model.eval()
     with torch.no_grad():
         want = model(input_ids=check_ids.unsqueeze(0), use_cache=False).logits[0].float()
