@@ -19,7 +19,7 @@ def shared(path: str) -> str:
 
 
 def write(name: str, obj) -> Path:
-    from quantscope.results import write_json_atomic
+    from quantscope.fileio import write_json_atomic
 
     out = RESULTS / f"{name}.json"
     write_json_atomic(out, obj)

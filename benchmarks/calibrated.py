@@ -22,10 +22,10 @@ import sys
 import numpy as np
 from _common import shared, write
 
-from quantscope.cli import comparison_table
-from quantscope.compare import CompareConfig, compare
+from quantscope.report_tables import comparison_table
+from quantscope.harness import CompareConfig, compare
 from quantscope.evaluate.stats import paired_bootstrap_ci, significant
-from quantscope.registry import resolve_format
+from quantscope.quantization import resolve
 
 FORMATS = ("int4-g128,gptq-int4-g128,gptq-int4-g128-act,awq-int4-g128,awq+gptq-int4-g128,"
            "int3-g128,gptq-int3-g128,gptq-int3-g128-act,awq-int3-g128,awq+gptq-int3-g128,"
@@ -67,7 +67,7 @@ def main() -> int:
         elif r.get("spec", {}).get("method", "rtn") == "rtn":
             continue
         else:
-            rtn = resolve_format(name).rtn().name  # the round-to-nearest format of the same storage
+            rtn = resolve(name).spec.rtn().name  # the round-to-nearest format of the same storage
         if rtn not in by:
             continue
         d, lo, hi = paired_bootstrap_ci(window_kld(by[rtn]), window_kld(r))

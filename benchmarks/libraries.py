@@ -20,8 +20,8 @@ import sys
 
 from _common import shared, write
 
-from quantscope.cli import comparison_table
-from quantscope.compare import CompareConfig, compare
+from quantscope.report_tables import comparison_table
+from quantscope.harness import CompareConfig, compare
 
 # gguf-py's Q8_0/Q4_0/Q4_1 rows (gguf-q8_0, ...) are left out: llama.cpp runs the same block types with
 # its own kernels here, while the gguf-py path dequantizes every weight on every call (~2 s a forward)

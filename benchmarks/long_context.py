@@ -20,8 +20,8 @@ import sys
 
 from _common import shared, write
 
-from quantscope.cli import ctx_sweep_table
-from quantscope.compare import CompareConfig, compare
+from quantscope.report_tables import ctx_sweep_table
+from quantscope.harness import CompareConfig, compare
 
 
 def main() -> int:

@@ -39,8 +39,9 @@ from pathlib import Path
 
 from _common import shared, write
 
-from quantscope.cli import comparison_table, main as cli_main, sensitivity_table
-from quantscope.compare import CompareConfig, compare, prepare
+from quantscope.report_tables import comparison_table, sensitivity_table
+from quantscope.cli import main as cli_main
+from quantscope.harness import CompareConfig, compare, prepare
 from quantscope.evaluate import stats
 from quantscope.methods.mixed import parse_mixed, sensitivity_windows
 from quantscope.plan import planner
@@ -74,7 +75,7 @@ def sensitivity_ranking(cfg: CompareConfig) -> list[dict]:
     """int4-g128, one decoder linear at a time, on mixed-auto's calibration windows (cache shared)."""
     from quantscope.formats.spec import parse_format
     from quantscope.model.load import cache_root, load_model
-    from quantscope.sensitivity import SensitivityCache, layer_sensitivity
+    from quantscope.methods.sensitivity import SensitivityCache, layer_sensitivity
 
     job = next(j for j in prepare(cfg).jobs if j.calib is not None)
     lm = load_model(cfg.model, dtype=cfg.dtype)

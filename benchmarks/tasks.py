@@ -17,8 +17,8 @@ import sys
 
 from _common import shared, write
 
-from quantscope.cli import task_table
-from quantscope.compare import CompareConfig, compare, paired_tasks
+from quantscope.report_tables import task_table
+from quantscope.harness import CompareConfig, compare, paired_tasks
 
 TASKS = (  # (name, path under ../shared/data, first N questions or None for all)
     ("arc-easy", "arc/ARC-Easy-Test.jsonl", 500),

@@ -1,80 +1,157 @@
-"""The library's entry points. The CLI is a thin layer over these.
+"""The library's entry points; the CLI is one thin module per command over these.
 
     import quantscope as qs
-    lm = qs.load_model()                                  # embedded SmolLM2-135M (FP32 baseline)
-    qs.quantize(lm.model, "int4-g128")                    # in place; packed storage, real bytes
+    lm = qs.load_model()                                   # embedded SmolLM2-135M (FP32 baseline)
+    qs.quantize(lm.model, "int4-g128")                     # in place; packed storage, real bytes
+    fmt = qs.resolve("gptq-int4-g128")                     # a Format: kind, calibration, storage
     records, meta = qs.compare(qs.CompareConfig(formats=("int8", "nf4"), windows=4))
+    decision, target, run_dir = qs.recommend_format(qs.RecommendConfig(max_ppl_increase_pct=2))
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import torch
 
-from .compare import CompareConfig, compare
-from .formats.spec import EXAMPLE_NAMES, FormatSpec
+from .harness.config import CompareConfig
+from .harness.pairing import add_paired_statistics, paired_tasks
+from .harness.recommend import RecommendConfig, recommend_format
+from .harness.recommend import target_and_ladder as recommend_target
+from .harness.run import compare, default_run_dir
+from .harness.sensitivity import SensitivityConfig
+from .harness.sensitivity import run_sensitivity as sensitivity
+from .measure.speed import SpeedConfig
+from .methods.calibrate import CalibConfig
 from .model.load import LoadedModel, load_model
-from .registry import BackendFormat, resolve_format
+from .quantization import Format, QuantizeOptions, Quantized, resolve
+from .quantization import quantize as _quantize
+from .results.runs import list_runs, load_run, resolve_run
+from .save import SaveConfig, save
 
-__all__ = ["CompareConfig", "compare", "load_model", "LoadedModel", "quantize", "list_formats",
-           "resolve_format"]
+__all__ = ["CompareConfig", "compare", "default_run_dir", "add_paired_statistics", "paired_tasks", "load_model",
+           "LoadedModel", "quantize", "quantize_with_report", "resolve", "Format", "QuantizeOptions", "Quantized",
+           "CalibConfig", "list_formats", "SpeedConfig", "SensitivityConfig", "sensitivity", "store_sensitivity",
+           "RecommendConfig", "recommend_format", "recommend_target", "SaveConfig", "save", "PlanConfig",
+           "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep"]
 
 
-def quantize(model: torch.nn.Module, fmt: str | FormatSpec, include: Iterable[str] = (),
-             exclude: Iterable[str] = (), calib: list[torch.Tensor] | None = None,
-             source: str | None = None) -> torch.nn.Module:
-    """Quantize `model` into `fmt` (any own or backend format name). Calibrated formats need `calib`:
-    a list of 1-D token-id tensors. llama.cpp formats (`llamacpp-*`) start from the model's GGUF file:
-    `source` is the reference `model` was loaded from ('default' or a .gguf path). Returns the
-    quantized model (the same object for own formats)."""
-    from .errors import QuantscopeError
-    from .model.swap import apply_plan, select_modules, uniform_plan
+def quantize(model: torch.nn.Module, fmt: str | Format, include: Iterable[str] = (), exclude: Iterable[str] = (),
+             calib: list[torch.Tensor] | None = None, source: str | None = None,
+             calib_config: CalibConfig | None = None) -> torch.nn.Module:
+    """Quantize `model` into `fmt` (any own, calibrated, mixed or library format name) and return it
+    (the same object for quantscope's own formats). Calibrated formats need `calib`: a list of 1-D
+    token-id tensors. llama.cpp formats (`llamacpp-*`) start from the model's GGUF file: `source` is
+    the reference `model` was loaded from ('default' or a .gguf path)."""
+    return quantize_with_report(model, fmt, include, exclude, calib, source, calib_config).model
 
-    spec = resolve_format(fmt) if isinstance(fmt, str) else fmt
-    from .methods.mixed import MixedSpec
 
-    if isinstance(spec, MixedSpec):
-        from .methods.mixed import quantize_mixed, sensitivity_windows
-
-        windows = sensitivity_windows(torch.stack(list(calib))) if spec.needs_calibration and calib else None
-        if spec.needs_calibration and windows is None:
-            raise QuantscopeError(f"format '{spec.name}' measures layer sensitivity: pass calib token sequences")
-        quantize_mixed(model, spec, windows, tuple(include), tuple(exclude))
-        return model
-    if isinstance(spec, BackendFormat):
-        from .backends import load_backend
-
-        chosen = set(select_modules(model, include, exclude))
-        extra = {"source": source} if spec.needs_source else {}
-        return load_backend(spec.name).quantize(model, spec, lambda n, m: n in chosen, calib, **extra)
-    if spec.calibrated:
-        if not calib:
-            raise QuantscopeError(f"format '{spec.name}' is calibrated: pass calib token sequences")
-        from .methods.calibrate import quantize_calibrated
-
-        return quantize_calibrated(model, spec, list(calib), include=tuple(include), exclude=tuple(exclude))[0]
-    with torch.no_grad():
-        return apply_plan(model, uniform_plan(model, spec, include, exclude))
+def quantize_with_report(model, fmt, include=(), exclude=(), calib=None, source=None, calib_config=None) -> Quantized:
+    """As :func:`quantize`, returning the handler's report too (notes, record fields, seconds)."""
+    return _quantize(model, fmt, QuantizeOptions(include=tuple(include), exclude=tuple(exclude), calib=calib,
+                                                 source=source, calib_config=calib_config))
 
 
 def list_formats() -> list[dict]:
     """Rows for `quantscope formats`: own formats (examples of each family) and every backend format."""
     from .backends import BACKEND_FORMATS, available
     from .formats.registry import family_of
+    from .formats.spec import EXAMPLE_NAMES
 
     rows = []
     for name in EXAMPLE_NAMES:
-        s = resolve_format(name)
-        bpw = 8 * s.storage_bytes(1536, 576) / (1536 * 576)
-        desc = family_of(s).description
-        if s.calibrated:
-            desc = f"{s.method.upper()} calibrated; " + desc
-        rows.append({"name": s.name, "backend": "quantscope", "installed": True,
-                     "bits_per_weight": bpw, "description": desc + (" (experimental)" if s.experimental else ""),
-                     "note": ""})
+        f = resolve(name)
+        desc = family_of(f.spec).description
+        if f.kind == "calibrated":
+            desc = f"{f.spec.method.upper()} calibrated; " + desc
+        rows.append({"name": f.name, "backend": "quantscope", "installed": True,
+                     "bits_per_weight": 8 * f.storage_bytes(1536, 576) / (1536 * 576),
+                     "description": desc + (" (experimental)" if f.spec.experimental else ""), "note": ""})
     for name, b in BACKEND_FORMATS.items():
         ok, reason = available(name)
         rows.append({"name": name, "backend": b.backend, "installed": ok, "bits_per_weight": float(b.nominal_bits),
                      "description": b.description, "note": "" if ok else reason})
     return rows
+
+
+def load_paired_run(ref: str, root: str = "quantscope-runs"):
+    """(Run, its records with paired statistics against their baselines), read without writing."""
+    run = load_run(resolve_run(ref, root))
+    records = [dict(r) for r in run.records]
+    add_paired_statistics(records)
+    return run, records
+
+
+def store_sensitivity(run_dir: str, rows: list[dict], meta: dict) -> None:
+    """Keep a sensitivity ranking in a run directory (`quantscope report` shows it)."""
+    from .results.store import RunStore
+
+    with RunStore.open(run_dir) as store:
+        store.update_meta({"sensitivity": [{"layer": r["name"], **r} for r in rows], "sensitivity_meta": meta})
+
+
+def run_sweep(study_path: str, out: str | None = None, retry_errors: bool = False,
+              progress: Callable | None = None):
+    """Run a study file resumably: (SweepOutcome, its records with paired statistics)."""
+    from .model.load import resolve as resolve_model
+    from .sweep import load_study, run_study
+    from .sweep_measure import measure_cell
+
+    study = load_study(study_path)
+    for f in study.formats:  # fail on a bad name before measuring anything
+        resolve(f)
+    outcome = run_study(study, out, measure_cell, retry_errors=retry_errors, progress=progress,
+                        fingerprint_fn=lambda m: resolve_model(m)[2])
+    records = [dict(r) for r in outcome.records]
+    add_paired_statistics(records)
+    return outcome, records
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    model: str  # a local folder, its config.json, or a Hub id: only config.json is read
+    formats: tuple[str, ...] = ("bf16", "fp8-e4m3", "int8", "int4-g128", "nf4", "int3-g128")
+    ctx: int = 8192
+    batch: int = 1
+    kv_dtype: str = "bf16"
+    embed_format: str | None = None
+    devices: tuple[str, ...] = ()  # extra devices: sizes (24GB) or listed names
+    attention: str = "fused"
+    framework_overhead: str | None = None  # e.g. 1GiB (the default)
+
+
+@dataclass
+class MemoryPlan:
+    config: PlanConfig
+    geometry: object
+    rows: list
+    devices: list
+    custom: list
+    assumptions: object
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {"model": c.model, "ctx": c.ctx, "batch": c.batch, "kv_dtype": c.kv_dtype,
+                "assumptions": asdict(self.assumptions), "devices": [asdict(d) for d in self.devices],
+                "rows": [r.to_dict() for r in self.rows]}
+
+
+def plan_memory(config: PlanConfig) -> MemoryPlan:
+    """Weights and KV cache (exact, from config.json) and an estimated overhead per format, and the
+    listed devices each fits on. Nothing is loaded."""
+    from .plan import planner
+    from .plan.devices import DEVICES, parse_device
+    from .units import parse_memory
+
+    mcfg = planner.load_config(config.model)
+    g = planner.geometry(mcfg)
+    custom = [parse_device(d) for d in config.devices]
+    devices = list(DEVICES) + [d for d in custom if d not in DEVICES]
+    default = planner.RuntimeAssumptions.framework_bytes
+    assumptions = planner.RuntimeAssumptions(
+        framework_bytes=parse_memory(config.framework_overhead) if config.framework_overhead else default,
+        attention=config.attention)
+    rows = planner.plan(mcfg, config.formats, config.ctx, config.batch, kv_dtype=config.kv_dtype,
+                        embed_format=config.embed_format, devices=devices, assumptions=assumptions)
+    return MemoryPlan(config, g, rows, devices, custom, assumptions)

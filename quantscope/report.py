@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from quantscope.errors import QuantscopeError
-from quantscope.results import Record, write_text_atomic
+from quantscope.fileio import write_text_atomic
+from quantscope.results.record import Record
 
 MISSING = "—"
 SENSITIVITY_TOP = 30  # layers drawn in the sensitivity chart (the most sensitive ones)

@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import QuantscopeError
-from .formats.spec import FormatSpec
-from .registry import BackendFormat, resolve_format
+from .quantization import Format, own_parts, resolve
 
 
 @dataclass(frozen=True)
@@ -37,79 +36,78 @@ class SaveConfig:
             raise QuantscopeError("--check-tokens must be at least 2")
 
 
-def _integer_formats(spec) -> list[FormatSpec]:
-    """The own formats `spec` quantizes layers into (a mixed plan's ladder or parts), or a one-line refusal."""
-    from .methods.mixed import MixedSpec
-
-    if isinstance(spec, BackendFormat):
-        raise QuantscopeError(f"'{spec.name}' is made by {spec.backend}: save it with that library; quantscope "
-                              "saves its own integer formats as compressed-tensors checkpoints")
-    if isinstance(spec, MixedSpec):
-        names = spec.ladder if spec.kind == "auto" else (spec.base, spec.wide)
-        parts = [resolve_format(n) for n in names]
-        for p in parts:
-            _integer_formats(p)
-        return parts
+def _integer_formats(fmt: Format) -> list[Format]:
+    """The own formats `fmt` quantizes layers into (a mixed plan's ladder or parts), or a one-line refusal."""
     from .model.export import require_integer
 
-    require_integer(spec)
-    return [spec]
+    if fmt.kind == "library":
+        raise QuantscopeError(f"'{fmt.name}' is made by {fmt.backend}: save it with that library; quantscope "
+                              "saves its own integer formats as compressed-tensors checkpoints")
+    parts = own_parts(fmt)
+    for p in parts:
+        require_integer(p.spec)
+    return parts
 
 
-def _check_geometry(model, spec, include, exclude) -> None:
+def _check_geometry(model, fmt: Format, include, exclude) -> None:
     """Every selected linear must take the format's groups whole: refuse before minutes of quantizing."""
     from torch import nn
 
     from .model.export import refuse_embedding, weight_args
-    from .model.swap import select_modules
+    from .modules.swap import select_modules
 
     mods = dict(model.named_modules())
     names = select_modules(model, include, exclude)
     emb = [n for n in names if isinstance(mods[n], nn.Embedding)]
     if emb:
         refuse_embedding(emb[0])
-    for part in _integer_formats(spec):
+    for part in _integer_formats(fmt):
         for n in names:
-            weight_args(part, mods[n].in_features, n)
+            weight_args(part.spec, mods[n].in_features, n)
 
 
 def save(config: SaveConfig):
     """Quantize `config.model` into `config.format` and write it to `config.out`; returns a SaveReport."""
     from pathlib import Path
 
-    import torch
+    from .logs import torch_threads
+    from .model.export import check_out_dir, import_ct
 
-    from . import __version__
-    from .api import quantize
-    from .compare import _needs_calib
-    from .evaluate.text import head_samples, load_text, tokenize
-    from .model.export import _import_ct, check_out_dir, save_compressed_tensors
-    from .model.load import load_model
-
-    spec = resolve_format(config.format)
-    _integer_formats(spec)
-    _import_ct()  # the install hint before minutes of loading and quantizing
+    fmt = resolve(config.format)
+    _integer_formats(fmt)
+    import_ct()  # the install hint before minutes of loading and quantizing
     out = Path(config.out)
     check_out_dir(out)  # before minutes of loading and quantizing
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _save(config, fmt, out)
+
+
+def _save(config: SaveConfig, fmt: Format, out):
+    from . import __version__
+    from .evaluate.text import load_text, tokenize
+    from .harness.prepare import calibration_head
+    from .model.export import save_compressed_tensors
+    from .model.load import load_model
+    from .quantization import QuantizeOptions, quantize
+
     lm = load_model(config.model, trust_remote_code=config.trust_remote_code)
-    _check_geometry(lm.model, spec, config.include, config.exclude)
+    _check_geometry(lm.model, fmt, config.include, config.exclude)
     text = load_text(config.calib)
     ids = tokenize(lm.tokenizer, text.text)
     calib = None
-    provenance = {"format": spec.name, "model": lm.info.name, "model_ref": config.model,
+    provenance = {"format": fmt.name, "model": lm.info.name, "model_ref": config.model,
                   "model_fingerprint": lm.info.fingerprint, "include": list(config.include),
                   "exclude": list(config.exclude), "quantscope": __version__,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": list(lm.info.notes)}
-    if _needs_calib(spec):
-        calib = head_samples(ids, config.calib_samples, config.calib_seqlen, text.name)
+    if fmt.needs_calibration:
+        calib = calibration_head(ids, text.name, config.calib_samples, config.calib_seqlen, same_text=False).tokens
         provenance["calibration"] = {"text": text.name, "text_sha256": text.sha256, "samples": int(calib.shape[0]),
                                      "seqlen": config.calib_seqlen}
     check = ids[: config.check_tokens]
     if len(check) < 2:
         raise QuantscopeError(f"{text.name} has fewer than 2 tokens: nothing to check the saved model on")
     t0 = time.perf_counter()
-    model = quantize(lm.model, spec, config.include, config.exclude, calib=list(calib) if calib is not None else None)
+    done = quantize(lm.model, fmt, QuantizeOptions(include=config.include, exclude=config.exclude,
+                                                   calib=list(calib) if calib is not None else None))
     provenance["quantize_seconds"] = time.perf_counter() - t0
-    return save_compressed_tensors(model, lm.tokenizer, out, check, provenance)
+    return save_compressed_tensors(done.model, lm.tokenizer, out, check, provenance)

@@ -31,8 +31,11 @@ from typing import Any, Callable
 
 from quantscope import __version__
 from quantscope.errors import QuantscopeError
-from quantscope.results import Record
-from quantscope.store import DEFAULT_RUNS_ROOT, RunStore, record_key
+from quantscope.fileio import sha256_file
+from quantscope.results.record import Record
+from quantscope.results.db import DEFAULT_RUNS_ROOT
+from quantscope.results.keys import record_key
+from quantscope.results.store import RunStore
 
 MeasureFn = Callable[[str, str, dict], Record]
 # progress(done_index, total, model, format, text, skipped): called after each grid cell.
@@ -131,22 +134,14 @@ def load_study(path: str | os.PathLike) -> Study:
     return study_from_dict(data, source=str(path))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def text_fingerprint(text_ref: str) -> str:
     """sha256 of a text's content: a file's bytes, or a built-in text as loaded by `load_text`."""
     path = Path(text_ref)
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     from quantscope.evaluate.text import load_text
 
-    return hashlib.sha256(load_text(text_ref).encode("utf-8")).hexdigest()
+    return load_text(text_ref).sha256
 
 
 def model_fingerprint(model_ref: str) -> str:

@@ -6,13 +6,14 @@ so that the sweep logic can be tested with a fake measurement.
 
 from __future__ import annotations
 
-from .compare import CompareConfig, prepare, run_job
-from .registry import resolve_format
+from .errors import QuantscopeError
+from .harness.config import CompareConfig
+from .harness.prepare import prepare
+from .harness.worker import run_job
+from .quantization import resolve
 
 
 def _task_pairs(tasks) -> tuple[tuple[str, str], ...]:
-    from .errors import QuantscopeError
-
     pairs = []
     for t in tasks:
         if "=" not in t:
@@ -27,7 +28,6 @@ def measure_cell(model: str, fmt: str, eval_spec: dict) -> dict:
     cfg = CompareConfig(model=model, formats=(fmt,), text=eval_spec["text"], ctx=eval_spec["ctx"],
                         windows=eval_spec["windows"], score_second_half=eval_spec.get("score_second_half", False),
                         tasks=_task_pairs(eval_spec.get("tasks", ())))
-    name = resolve_format(fmt).name
-    prep = prepare(cfg)
-    job = next(j for j in prep.jobs if j.format == name)
+    name = resolve(fmt).name
+    job = next(j for j in prepare(cfg).jobs if j.format == name)
     return run_job(job, isolate=True)

@@ -12,8 +12,9 @@ from quantscope.errors import QuantscopeError
 from quantscope.formats.spec import parse_format
 from quantscope.methods import calibrate
 from quantscope.methods.calibrate import CalibConfig, quantize_calibrated
-from quantscope.model.qmodules import QuantEmbedding, QuantLinear
-from quantscope.model.swap import quantize_model
+from quantscope.modules.qmodules import QuantEmbedding, QuantLinear
+from quantscope.modules.swap import quantize_model
+from quantscope.formats.registry import storage_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,7 @@ def test_calibrated_beats_rtn_at_3_bits(make, fmt):
     assert len(qlin) == 14 and not any(isinstance(m, nn.Linear) and "layers." in n
                                        for n, m in model.named_modules())
     for _, m in qlin:  # same bytes as the RTN format
-        assert m.qtensor().nbytes == spec.rtn().storage_bytes(m.out_features, m.in_features)
+        assert m.qtensor().nbytes == storage_bytes(spec.rtn(), m.out_features, m.in_features)
         assert m.spec == spec
     assert set(report["layers"]) == {n for n, _ in qlin}
     assert report["total_seconds"] > 0 and report["fallbacks"] == []

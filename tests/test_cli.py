@@ -113,7 +113,7 @@ def test_compare_cli_isolated_end_to_end(tiny_model_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     recs = json.loads(out.read_text())
     assert [r["format"] for r in recs] == ["fp32", "int8", "int3-g32"]
-    from quantscope.results import RECORD_FIELDS
+    from quantscope.results.record import RECORD_FIELDS
 
     for r in recs:
         for f in RECORD_FIELDS:
@@ -163,7 +163,7 @@ def test_bad_calibration_input(capsys, tiny_model_dir, tmp_path):
 
 
 def test_calibration_disjoint_or_warned(tiny_model_dir, tmp_path):
-    from quantscope.compare import CompareConfig, prepare
+    from quantscope.harness import CompareConfig, prepare
 
     d, text = tiny_model_dir
     same = prepare(CompareConfig(model=str(d), text=str(text), formats=("gptq-int4-g32",), ctx=32, windows=2,
@@ -181,7 +181,7 @@ def test_calibration_disjoint_or_warned(tiny_model_dir, tmp_path):
 
 
 def test_skipped_format_reason_is_a_line_of_its_own():
-    from quantscope.cli import comparison_table
+    from quantscope.report_tables import comparison_table
 
     ok = {"format": "fp32", "baseline": True, "bits_per_weight": 32.0, "weight_bytes": 1 << 20,
           "perplexity": 10.0, "perplexity_stderr": 0.1, "kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0,
@@ -195,7 +195,7 @@ def test_skipped_format_reason_is_a_line_of_its_own():
 
 
 def test_task_table_shows_each_task_and_where_each_format_loses():
-    from quantscope.cli import task_table
+    from quantscope.report_tables import task_table
 
     t = {"n": 100, "acc": 0.5, "acc_ci": [0.4, 0.6], "acc_norm": 0.5, "category": "reasoning"}
     base = {"format": "fp32", "baseline": True, "tasks": {"arc-easy": t}}
@@ -212,7 +212,7 @@ def test_task_table_shows_each_task_and_where_each_format_loses():
 
 
 def test_task_table_shows_lambada_last_word_perplexity():
-    from quantscope.cli import task_table
+    from quantscope.report_tables import task_table
 
     t = {"n": 50, "acc": 0.3, "acc_ci": [0.2, 0.4], "category": "language-modelling", "perplexity": 60.0,
          "perplexity_stderr": 9.0}

@@ -10,9 +10,9 @@ from conftest import tiny_llama
 from quantscope.cli import main
 from quantscope.formats.spec import parse_format
 from quantscope.measure.memory import weight_bytes
-from quantscope.model.swap import apply_plan, select_modules
+from quantscope.modules.swap import apply_plan, select_modules
 from quantscope.plan import planner
-from quantscope.store import load_run
+from quantscope.results.runs import load_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 

@@ -7,15 +7,16 @@ import sys
 import pytest
 import torch
 
-from quantscope.cli import ctx_sweep_table
-from quantscope.compare import CompareConfig, compare
+from quantscope.report_tables import ctx_sweep_table
+from quantscope.harness import CompareConfig, compare
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats import parse_format
 from quantscope.measure.memory import weight_bytes
-from quantscope.model.qmodules import QuantLinear, TiedQuantHead
-from quantscope.model.swap import quantize_model, select_modules
+from quantscope.modules.qmodules import QuantLinear, TiedQuantHead
+from quantscope.modules.swap import quantize_model, select_modules
 
 from conftest import tiny_llama
+from quantscope.formats.registry import storage_bytes
 
 
 def test_perplexity_is_exp_mean_nll_and_self_kld_zero():
@@ -70,7 +71,7 @@ def test_tied_embedding_quantized_once():
     # the table is stored once: int8 codes + one fp16 scale per row, not twice
     emb = q.model.embed_tokens
     assert sum(t.numel() * t.element_size() for t in emb.storage().values()) == \
-        parse_format("int8").storage_bytes(*ref.model.embed_tokens.weight.shape)
+        storage_bytes(parse_format("int8"), *ref.model.embed_tokens.weight.shape)
     assert weight_bytes(q) < weight_bytes(ref) - emb_params * 3
 
 
@@ -101,7 +102,7 @@ def test_compare_end_to_end_and_resume(tiny_model_dir, tmp_path):
     spec = parse_format("int4-g128")
     mods = dict(m.named_modules())
     sel = select_modules(m)
-    expect = 8 * sum(spec.storage_bytes(*mods[n].weight.shape) for n in sel) / sum(mods[n].weight.numel() for n in sel)
+    expect = 8 * sum(storage_bytes(spec, *mods[n].weight.shape) for n in sel) / sum(mods[n].weight.numel() for n in sel)
     assert by["int4-g128"]["bits_per_weight"] == pytest.approx(expect, rel=1e-12)
     assert by["int8"]["kld_mean"] < by["int4-g128"]["kld_mean"]
     # the same comparison again reuses every stored record and measures nothing
@@ -246,7 +247,7 @@ def test_new_format_reuses_the_stored_baseline_tasks(tiny_model_dir, tmp_path, m
 
 def test_paired_tasks_between_two_formats():
     """Any two records answering the same questions pair: delta = a - b with McNemar on the discordant pairs."""
-    from quantscope.compare import paired_tasks
+    from quantscope.harness import paired_tasks
 
     def rec(fmt, correct):
         items = {"task": "arc-easy", "kind": "mc", "item_ids": [str(i) for i in range(len(correct))],

@@ -12,8 +12,8 @@ import torch
 from quantscope.api import quantize
 from quantscope.errors import QuantscopeError
 from quantscope.model.export import save_compressed_tensors, weight_args
-from quantscope.model.swap import quantized_modules
-from quantscope.registry import resolve_format
+from quantscope.modules.swap import quantized_modules
+from quantscope.quantization import resolve
 from quantscope.save import SaveConfig, _integer_formats, save
 
 from conftest import tiny_llama, tiny_qwen
@@ -49,7 +49,7 @@ def test_round_trip_is_exact(tmp_path, fmt, args):
     weight exactly, every other parameter (AWQ's folded norms, Qwen2's biases) is unchanged, logits agree."""
     arch, _, fmt = fmt.rpartition(":")
     model = tiny_qwen() if arch == "qwen2" else tiny_llama()
-    spec = resolve_format(fmt)
+    spec = resolve(fmt).spec
     quantize(model, spec, calib=_calib() if spec.calibrated else None)
     deq = {n: m.dequantized_weight().clone() for n, m in quantized_modules(model)}
     others = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -108,11 +108,11 @@ def test_mixed_plan_becomes_one_group_per_format(tmp_path):
 def test_refusals_name_the_reason():
     for fmt in ("nf4", "fp8-e4m3", "bnb-nf4"):
         with pytest.raises(QuantscopeError, match="compressed-tensors|save it with that library"):
-            _integer_formats(resolve_format(fmt))
+            _integer_formats(resolve(fmt))
     with pytest.raises(QuantscopeError, match="576 input columns.*whole groups.*64, 32, 16"):
-        weight_args(resolve_format("int4-g128"), 576, "model.layers.0.mlp.up_proj")
+        weight_args(resolve("int4-g128").spec, 576, "model.layers.0.mlp.up_proj")
     with pytest.raises(QuantscopeError, match="no compressed-tensors encoding"):
-        _integer_formats(resolve_format("mixed-edges:int4-g128/nf4"))
+        _integer_formats(resolve("mixed-edges:int4-g128/nf4"))
 
 
 def test_existing_folder_and_failed_check_leave_nothing(tmp_path, monkeypatch):

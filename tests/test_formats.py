@@ -10,6 +10,7 @@ from quantscope.formats import parse_format, quantize_tensor
 from quantscope.formats.codebook import FP4_CODEBOOK, NF4_CODEBOOK
 from quantscope.formats.packing import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 from quantscope.formats.spec import UnknownFormatError
+from quantscope.formats.registry import storage_bytes
 
 
 def sqnr_db(w, d):
@@ -125,7 +126,7 @@ def test_storage_bytes_match_definition_and_rows(name, shape):
     spec = parse_format(name)
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     qt = quantize_tensor(w, spec)
-    assert qt.nbytes == spec.storage_bytes(*shape)
+    assert qt.nbytes == storage_bytes(spec, *shape)
     rows = torch.tensor([0, shape[0] - 1, 2])
     assert torch.equal(qt.dequantize(rows), qt.dequantize()[rows])
 
@@ -133,9 +134,9 @@ def test_storage_bytes_match_definition_and_rows(name, shape):
 def test_int4_g128_bits_per_weight_exact():
     spec = parse_format("int4-g128")
     # 1024 inputs: 8 groups of 128; 4 bits per code + (16-bit scale + 16-bit zero) / 128
-    assert 8 * spec.storage_bytes(512, 1024) / (512 * 1024) == 4 + 32 / 128
+    assert 8 * storage_bytes(spec, 512, 1024) / (512 * 1024) == 4 + 32 / 128
     # 576 inputs: 5 groups per row (the last one partial)
-    assert spec.storage_bytes(10, 576) == 10 * 288 + 10 * 5 * 4
+    assert storage_bytes(spec, 10, 576) == 10 * 288 + 10 * 5 * 4
 
 
 def test_ternary_binary_values(gauss):

@@ -8,6 +8,7 @@ from quantscope.formats.packing import unpack_bits
 from quantscope.formats.qtensor import quantize_tensor
 from quantscope.formats.spec import parse_format
 from quantscope.methods.gptq import GPTQ, _gram, gptq_quantize, split_rows
+from quantscope.formats.registry import storage_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def test_storage_is_rtn_layout_and_dequantizes_exactly(name, in_f):
     assert set(qt.tensors) == set(rtn.tensors)
     for k in qt.tensors:
         assert qt.tensors[k].shape == rtn.tensors[k].shape and qt.tensors[k].dtype == rtn.tensors[k].dtype
-    assert qt.nbytes == rtn.nbytes == spec.storage_bytes(24, in_f)
+    assert qt.nbytes == rtn.nbytes == storage_bytes(spec, 24, in_f)
     assert torch.equal(qt.dequantize(), res.weight)  # the solver's weights, bit for bit
     codes = unpack_bits(qt.tensors["qweight"], spec.bits, in_f)
     assert int(codes.max()) <= 2 ** spec.bits - 1

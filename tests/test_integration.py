@@ -32,7 +32,7 @@ def test_embedded_int8_close_and_int4_further(embedded):
     from quantscope.evaluate.perplexity import score_windows
     from quantscope.evaluate.text import load_text, make_windows, tokenize
     from quantscope.measure.memory import weight_bytes
-    from quantscope.model.swap import quantize_model
+    from quantscope.modules.swap import quantize_model
     from quantscope.formats import parse_format
     import copy
 
@@ -56,7 +56,7 @@ def test_llama_cpp_rows_through_the_harness(tmp_path):
     """llama.cpp's own quantizer and kernels under the protocol: its F32 run of the baseline agrees
     with the torch baseline (engine noise only), Q8_0 is close and smaller, Q4_K_M further."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'quantscope[llamacpp]'")
-    from quantscope.compare import CompareConfig, compare
+    from quantscope.harness import CompareConfig, compare
 
     cfg = CompareConfig(formats=("fp32", "llamacpp-f32", "llamacpp-q8_0", "llamacpp-q4_k_m"), windows=2,
                         ctx=128, threads=2)

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from quantscope.compare import CompareConfig, add_paired_statistics, compare
+from quantscope.harness import CompareConfig, add_paired_statistics, compare
 from quantscope.errors import QuantscopeError
 from quantscope.formats.spec import UnknownFormatError, parse_format
 from quantscope.measure.memory import tensor_bytes, weight_bytes
-from quantscope.methods.mixed import (MixedSpec, bpw_of_plan, edges_plan, mixed_weight_bytes, parse_mixed,
+from quantscope.plan.mixed import mixed_weight_bytes
+from quantscope.methods.mixed import (MixedSpec, bpw_of_plan, edges_plan, parse_mixed,
                                       plan_bytes, quantize_mixed)
-from quantscope.model.swap import quantized_modules, select_modules
-from quantscope.registry import resolve_format
+from quantscope.modules.swap import quantized_modules, select_modules
+from quantscope.quantization import resolve
+from quantscope.formats.registry import storage_bytes
 
 
 def windows(n=2, ctx=32, seed=1):
@@ -28,12 +30,12 @@ def stored_bytes_of_quantized_layers(model) -> int:
 # ---------------------------------------------------------------- names
 
 def test_names_parse_to_canonical_specs():
-    s = resolve_format("Mixed-Auto:4.50:int8/int4-g128/int3-g128")
+    s = resolve("Mixed-Auto:4.50:int8/int4-g128/int3-g128").spec
     assert isinstance(s, MixedSpec) and s.kind == "auto" and s.needs_calibration
     assert s.name == "mixed-auto:4.5:int3-g128/int4-g128/int8"  # ladder ordered by size
     assert s.target_bpw == 4.5 and s.ladder == ("int3-g128", "int4-g128", "int8")
     assert parse_mixed(s.name) == s
-    e = resolve_format("mixed-edges:int4-g128/int8-sym")  # int8-sym is int8's canonical name
+    e = resolve("mixed-edges:int4-g128/int8-sym").spec  # int8-sym is int8's canonical name
     assert e == MixedSpec("mixed-edges:int4-g128/int8", "edges", base="int4-g128", wide="int8")
     assert not e.needs_calibration and parse_mixed(e.name) == e
     assert parse_mixed("mixed-auto:4.2777:int4-g128/int8").name == "mixed-auto:4.2777:int4-g128/int8"
@@ -51,7 +53,7 @@ def test_names_parse_to_canonical_specs():
 ])
 def test_bad_names_are_one_clear_error(name, match):
     with pytest.raises(UnknownFormatError, match=match):
-        resolve_format(name)
+        resolve(name).spec
 
 
 # ---------------------------------------------------------------- edges
@@ -103,7 +105,7 @@ def test_auto_gives_the_most_sensitive_layer_the_wider_format(scaled):
     assert names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     narrow, wide = parse_format("int3-g128"), parse_format("int8")
     shape = model.get_submodule(names[0]).weight.shape
-    budget = narrow.storage_bytes(*shape) + wide.storage_bytes(*shape)
+    budget = storage_bytes(narrow, *shape) + storage_bytes(wide, *shape)
     bpw = 8 * budget / (2 * shape.numel())
     spec = parse_mixed(f"mixed-auto:{bpw!r}:int3-g128/int8")
     result = quantize_mixed(copy.deepcopy(model), spec, windows(), exclude=exclude)

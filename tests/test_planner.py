@@ -11,6 +11,7 @@ from quantscope.errors import QuantscopeError
 from quantscope.formats.spec import parse_format
 from quantscope.plan import devices as dev
 from quantscope.plan import planner
+from quantscope.formats.registry import storage_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 LLAMA_8B = json.loads((FIXTURES / "llama-3.1-8b.json").read_text())
@@ -40,7 +41,7 @@ def test_int4_weights_keep_embeddings_and_head_at_baseline():
     # quantizing the (untied) embedding and head too shrinks exactly those two tensors
     both = planner.weight_breakdown(LLAMA_8B, "int4-g128", embed_format="int8")
     vocab, hidden = 128256, 4096
-    int8 = parse_format("int8").storage_bytes(vocab, hidden)
+    int8 = storage_bytes(parse_format("int8"), vocab, hidden)
     assert int4.total_bytes - both.total_bytes == 2 * (vocab * hidden * 2 - int8)
 
 

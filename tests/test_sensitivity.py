@@ -7,9 +7,10 @@ from conftest import tiny_llama, tiny_qwen
 from quantscope.errors import QuantscopeError
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats.spec import parse_format
-from quantscope.model.swap import apply_plan
-from quantscope.sensitivity import (SensitivityCache, block_names, first_block, layer_sensitivity,
-                                    measure_sensitivity, sensitivity_units)
+from quantscope.modules.swap import apply_plan
+from quantscope.formats.registry import storage_bytes
+from quantscope.methods.sensitivity import (SensitivityCache, block_names, first_block, layer_sensitivity,
+                                            measure_sensitivity, sensitivity_units)
 
 INT4 = parse_format("int4-g128")
 
@@ -61,7 +62,7 @@ def test_units_blocks_and_the_tied_embedding_counted_once():
     rows = layer_sensitivity(model, windows(1), INT4, include_embeddings=True)
     row = next(r for r in rows if r["name"] == "model.embed_tokens")
     assert row["params"] == 256 * 64  # the shared table, once
-    assert row["bytes"] == INT4.storage_bytes(256, 64)
+    assert row["bytes"] == storage_bytes(INT4, 256, 64)
     untied = tiny_llama(layers=1, tied=False)
     names = [u.name for u in sensitivity_units(untied, "layer", include_embeddings=True)]
     assert "model.embed_tokens" in names and "lm_head" in names

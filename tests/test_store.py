@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from quantscope.errors import QuantscopeError
-from quantscope.store import DB_NAME, RunStore, list_runs, load_run, record_key, resolve_run
+from quantscope.results.db import DB_NAME
+from quantscope.results.keys import record_key
+from quantscope.results.runs import list_runs, load_run, resolve_run
+from quantscope.results.store import RunStore
 from quantscope.sweep import Study, load_study, run_study, study_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +121,7 @@ def test_sweep_killed_repeatedly_resumes_to_exactly_the_full_set(tmp_path):
 
 def test_second_writer_is_refused_with_the_holders_pid(tmp_path):
     run_dir = tmp_path / "run"
-    code = ("import sys\nfrom quantscope.store import RunStore\nfrom quantscope.errors import QuantscopeError\n"
+    code = ("import sys\nfrom quantscope.results.store import RunStore\nfrom quantscope.errors import QuantscopeError\n"
             "try:\n    RunStore.open(sys.argv[1])\nexcept QuantscopeError as e:\n    print(e); sys.exit(2)\n")
     with RunStore.open(run_dir, {"model": "m"}) as store:
         store.put("k", {"format": "int8"})
@@ -137,7 +140,7 @@ def test_writer_waits_for_a_lock_released_in_time(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom quantscope.store import RunStore\ns = RunStore.open(sys.argv[1])\n"
+         "import sys, time\nfrom quantscope.results.store import RunStore\ns = RunStore.open(sys.argv[1])\n"
          "print('locked', flush=True)\ntime.sleep(0.5)\ns.close()\n", str(run_dir)],
         env=_child_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -105,7 +105,8 @@ def write_f32_gguf(src: Path, dest: Path) -> None:
 
 def f32_gguf(src: Path) -> Path:
     """The cached F32 copy of `src` (built on first use)."""
-    from quantscope.model.load import cache_root, sha256_file
+    from quantscope.fileio import sha256_file
+    from quantscope.model.load import cache_root
 
     dest = cache_root() / "llamacpp" / f"{src.stem}-{sha256_file(src)[:16]}-F32.gguf"
     if not dest.is_file():

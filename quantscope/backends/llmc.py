@@ -81,7 +81,7 @@ def quantize(model: nn.Module, fmt: BackendFormat, include: Include,
     from quantscope.formats import integer
     from quantscope.formats.qtensor import QuantizedTensor
     from quantscope.formats.spec import parse_format
-    from quantscope.model.swap import apply_plan
+    from quantscope.modules.swap import apply_plan
 
     bits, group, method = int(fmt.option("bits")), int(fmt.option("group_size")), str(fmt.option("method"))
     spec = parse_format(f"int{bits}-g{group}")

@@ -23,7 +23,7 @@ from quantscope.evaluate.tasks import MULTIPLE_CHOICE, TaskScores
 INSTALL_HINT = "pip install 'quantscope[lmeval]'"
 
 
-def _import_lm_eval():
+def import_lm_eval():
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -56,7 +56,7 @@ def run_lm_eval(
     the first N documents of each task. ``include_path`` adds a directory of YAML task configs;
     ``include_defaults=False`` skips indexing lm-eval's built-in tasks (saves ~10 s).
     """
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lm_eval, HFLM, TaskManager = import_lm_eval()
     if not task_names:
         raise QuantscopeError("no lm-eval task given")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

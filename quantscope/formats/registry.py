@@ -36,3 +36,8 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(spec: FormatSpec) -> Family:
     return FAMILIES[spec.family]
+
+
+def storage_bytes(spec: FormatSpec, out_features: int, in_features: int) -> int:
+    """Exact bytes of one [out, in] weight matrix stored in `spec`."""
+    return family_of(spec).storage_bytes(spec, out_features, in_features)

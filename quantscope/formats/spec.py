@@ -71,12 +71,6 @@ class FormatSpec:
         base = _int_name(self.bits, self.group_size, self.symmetric)
         return parse_format(base)
 
-    def storage_bytes(self, out_features: int, in_features: int) -> int:
-        """Exact bytes of one [out, in] weight matrix stored in this format."""
-        from .registry import family_of
-
-        return family_of(self).storage_bytes(self, out_features, in_features)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["version"] = 1

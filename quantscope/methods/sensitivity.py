@@ -6,7 +6,7 @@ windows, and the per-token KL(reference || quantized) against the unquantized mo
 Units are ranked most sensitive first. A tied embedding and ``lm_head`` are one tensor and one unit.
 
 No copy of the model is made: each unit's quantized modules are built once (with
-:func:`quantscope.model.swap.apply_plan`, so tied weights are handled exactly as everywhere else),
+:func:`quantscope.modules.swap.apply_plan`, so tied weights are handled exactly as everywhere else),
 then swapped in for a forward pass and the original modules swapped back.
 
 Loop order and memory. The outer loop runs over the windows, the inner over (format, unit) probes.
@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -47,12 +46,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import QuantscopeError
-from .formats.spec import FormatSpec
-from .model.swap import apply_plan, select_modules, tied_pairs
+from ..errors import QuantscopeError
+from ..formats.registry import storage_bytes
+from ..formats.spec import FormatSpec
+from ..modules.names import block_index, block_names, block_prefix
+from ..modules.swap import apply_plan, select_modules, set_module, tied_pairs
 
 UNITS = ("layer", "block")
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -73,16 +73,10 @@ def embedding_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, m in model.named_modules() if any(m is t for t in targets))
 
 
-def block_index(name: str) -> int | None:
-    """Decoder block number of a module name (``model.layers.7.mlp.up_proj`` -> 7), else None."""
-    m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
-
-
 def sensitivity_units(model: nn.Module, unit: str = "layer", include: Iterable[str] = (),
                       exclude: Iterable[str] = (), include_embeddings: bool = False) -> list[Unit]:
     """The units of a scan, in model order. The modules are those of
-    :func:`~quantscope.model.swap.select_modules` (plus the embedding and head when asked)."""
+    :func:`~quantscope.modules.swap.select_modules` (plus the embedding and head when asked)."""
     if unit not in UNITS:
         raise QuantscopeError(f"--unit must be one of {', '.join(UNITS)}, not {unit!r}")
     extra = embedding_names(model) if include_embeddings else ()
@@ -92,8 +86,7 @@ def sensitivity_units(model: nn.Module, unit: str = "layer", include: Iterable[s
     for name in names:
         if name in heads and heads[name] in names:
             continue  # joins its embedding's unit below
-        b = block_index(name) if unit == "block" else None
-        key = name if b is None else name[: _BLOCK.search(name).end() - 1]
+        key = (block_prefix(name) if unit == "block" else None) or name
         units.setdefault(key, []).append(name)
         units[key] += [h for h, e in heads.items() if e == name and h in names]
     return [Unit(k, tuple(v)) for k, v in units.items()]
@@ -109,11 +102,11 @@ def unit_size(model: nn.Module, unit: Unit, fmt: FormatSpec) -> tuple[int, int]:
             continue
         seen.add(w.data_ptr())
         params += w.numel()
-        nbytes += fmt.storage_bytes(*w.shape)
+        nbytes += storage_bytes(fmt, *w.shape)
     return params, nbytes
 
 
-def _rtn_spec(fmt) -> FormatSpec:
+def rtn_spec(fmt) -> FormatSpec:
     if not isinstance(fmt, FormatSpec) or fmt.calibrated:
         name = getattr(fmt, "name", fmt)
         raise QuantscopeError(f"sensitivity quantizes with round-to-nearest: '{name}' is not a quantscope "
@@ -125,10 +118,8 @@ def _put(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module
     """Set each named submodule; returns the modules that were there."""
     old = {}
     for name, new in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old[name] = getattr(parent, child)
-        setattr(parent, child, new)
+        old[name] = model.get_submodule(name)
+        set_module(model, name, new)
     return old
 
 
@@ -145,19 +136,6 @@ def _quantized_modules(model: nn.Module, unit: Unit, fmt: FormatSpec) -> dict[st
 def _log_probs(model: nn.Module, ids: torch.Tensor, score_from: int) -> torch.Tensor:
     logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
     return torch.log_softmax(logits[score_from - 1:-1], dim=-1)
-
-
-_BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Names of the decoder blocks (``model.layers.0`` ...) in order; [] unless numbered 0..n-1."""
-    found = {}
-    for name, _ in model.named_modules():
-        m = _BLOCK_NAME.search(name)
-        if m:
-            found.setdefault(int(m.group(1)), name)
-    return [found[i] for i in range(len(found))] if sorted(found) == list(range(len(found))) else []
 
 
 def first_block(model: nn.Module, unit: Unit, blocks: Sequence[str]) -> int:
@@ -207,7 +185,7 @@ class SensitivityCache:
     model_key: str  # identifies the weights: e.g. the model fingerprint and dtype
 
     def _path(self, windows: torch.Tensor, fmt: FormatSpec, units: Sequence[Unit], score_from: int) -> Path:
-        from . import __version__
+        from .. import __version__
 
         h = hashlib.sha256()
         for part in (self.model_key, fmt.name, str(score_from), __version__,
@@ -224,7 +202,7 @@ class SensitivityCache:
             return None  # absent or unreadable: measure again
 
     def put(self, windows, fmt, units, score_from, rows: list[dict]) -> None:
-        from .results import write_json_atomic
+        from ..fileio import write_json_atomic
 
         write_json_atomic(self._path(windows, fmt, units, score_from), rows)
 
@@ -236,7 +214,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
     """{format name: rows} for every format and unit, each row ``{"name", "modules", "format",
     "params", "bytes", "kld", "kld_stderr"}`` in unit order (not ranked). Windows: a [n, ctx] LongTensor.
     ``replay`` reuses the reference pass's block outputs before each unit (same result, less work)."""
-    formats = [_rtn_spec(f) for f in dict.fromkeys(formats)]
+    formats = [rtn_spec(f) for f in dict.fromkeys(formats)]
     if not units:
         raise QuantscopeError("no modules to scan: the selection is empty")
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
@@ -303,44 +281,8 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, fmt: FormatSpec, 
     first. ``bytes`` is the unit's stored size in `fmt`; ``kld_stderr`` treats tokens as independent
     (they are not, within a window: read it as a lower bound)."""
     units = sensitivity_units(model, unit, include, exclude, include_embeddings)
-    rows = measure_sensitivity(model, windows, [_rtn_spec(fmt)], units, score_from, cache, progress)[fmt.name]
+    rows = measure_sensitivity(model, windows, [rtn_spec(fmt)], units, score_from, cache, progress)[fmt.name]
     return sorted(rows, key=lambda r: -r["kld"])
 
 
 # ---------------------------------------------------------------- the command's pipeline
-
-@dataclass(frozen=True)
-class SensitivityConfig:
-    model: str = "default"  # as for compare: 'default', a local HF folder, a Hub id, a .gguf
-    format: str = "int4-g128"
-    unit: str = "layer"
-    text: str = "python-docs"  # windows are taken from the start of this text
-    windows: int = 2  # 2 x 256 tokens: a scan costs (units + 1) forward passes per window
-    ctx: int = 256
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    include_embeddings: bool = False
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    use_cache: bool = True  # reuse a stored scan of the same model, windows, format and units
-
-
-def run_sensitivity(config: SensitivityConfig, progress: Callable[[int, int], None] | None = None
-                    ) -> tuple[list[dict], dict]:
-    """Load the model and text, scan, rank: (rows, meta). Errors in the inputs raise QuantscopeError."""
-    from .evaluate.text import load_text, make_windows, tokenize
-    from .model.load import cache_root, load_model
-    from .registry import resolve_format
-
-    fmt = _rtn_spec(resolve_format(config.format))
-    lm = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    text = load_text(config.text)
-    windows = make_windows(tokenize(lm.tokenizer, text.text), config.ctx, config.windows, source=text.name)
-    cache = (SensitivityCache(cache_root() / "sensitivity", f"{lm.info.fingerprint}|{config.dtype}")
-             if config.use_cache else None)
-    rows = layer_sensitivity(lm.model, windows, fmt, config.unit, config.include, config.exclude,
-                             config.include_embeddings, cache=cache, progress=progress)
-    meta = {"model": lm.info.name, "model_fingerprint": lm.info.fingerprint, "format": fmt.name,
-            "unit": config.unit, "text": text.name, "text_sha256": text.sha256, "ctx": config.ctx,
-            "windows": config.windows, "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1))}
-    return rows, meta

@@ -14,7 +14,6 @@ embedding table are one tensor: selecting either quantizes that tensor once and 
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Iterable
 
 import torch
@@ -23,9 +22,9 @@ from torch import nn
 from ..errors import QuantscopeError
 from ..formats.qtensor import QuantizedTensor, quantize_tensor
 from ..formats.spec import FormatSpec
+from .names import in_block
 from .qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 
-_BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -51,7 +50,7 @@ def select_modules(model: nn.Module, include: Iterable[str] = (), exclude: Itera
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             continue
-        default = isinstance(m, nn.Linear) and bool(_BLOCK_RE.search(name))
+        default = isinstance(m, nn.Linear) and in_block(name)
         picked = default or any(_matches(name, p) for p in include)
         if picked and not any(_matches(name, p) for p in exclude):
             chosen.append(name)
@@ -70,7 +69,7 @@ def uniform_plan(model: nn.Module, spec: FormatSpec, include: Iterable[str] = ()
     return {n: spec for n in select_modules(model, include, exclude)}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -94,7 +93,7 @@ def apply_plan(model: nn.Module, plan: dict[str, FormatSpec],
             emb_name = ties[name]
             if emb_name not in done_emb:
                 raise QuantscopeError(f"internal: tied embedding {emb_name} not quantized before {name}")
-            _set_module(model, name, TiedQuantHead(done_emb[emb_name]))
+            set_module(model, name, TiedQuantHead(done_emb[emb_name]))
             continue
         qt = precomputed.get(name)
         if qt is None:
@@ -104,7 +103,7 @@ def apply_plan(model: nn.Module, plan: dict[str, FormatSpec],
             done_emb[name] = new
         else:
             new = QuantLinear(qt, m.bias.data if m.bias is not None else None)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         del m
     return model
 

@@ -1,0 +1,101 @@
+"""What every command shares: the parser that fails in one line, and the option groups defined once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL_HELP = "'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file"
+TEXT_HELP = "'python-docs', a .txt file or a .jsonl file with a 'text' field"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def task_arg(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"--task takes NAME=PATH, got '{s}'")
+    name, path = s.split("=", 1)
+    return name.strip(), path.strip()
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+
+
+def add_text(p: argparse.ArgumentParser, ctx: int = 512, windows: int = 8, help: str = TEXT_HELP) -> None:
+    p.add_argument("--text", default="python-docs", help=help)
+    p.add_argument("--ctx", type=int, default=ctx, help=f"tokens per window (default {ctx})")
+    p.add_argument("--windows", type=int, default=windows, help=f"windows scored (default {windows})")
+
+
+def add_selection(p: argparse.ArgumentParser, what: str = "quantize") -> None:
+    p.add_argument("--include", action="append", default=[],
+                   help=f"module-name pattern to {what} too, e.g. embed_tokens (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="module-name pattern to leave out (repeatable)")
+
+
+def add_calibration(p: argparse.ArgumentParser, default: str | None = None,
+                    help: str = "calibration text for GPTQ/AWQ (default: the head of --text)") -> None:
+    p.add_argument("--calib", default=default, help=help)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+
+
+def add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", type=task_arg, action="append", default=[], help="NAME=PATH task (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="questions per task (first N, or a sample with --sample-seed)")
+
+
+def add_process(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
+    """Threads, remote code and progress: every command that loads a model."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per worker process)")
+    if remote_code:
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help=f"write {what} as JSON to PATH ('-': print to stdout instead of the tables)")
+
+
+def add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default="quantscope-runs", help="folder holding the run directories")
+
+
+def progress_wanted(args) -> bool:
+    return sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+
+def json_to_stdout(args) -> bool:
+    """`--json -`: stdout carries the JSON alone, so the human tables are not printed."""
+    return getattr(args, "json", None) == "-"
+
+
+def out(args, text: str = "") -> None:
+    """A line of the human output (suppressed when stdout carries JSON)."""
+    if not json_to_stdout(args):
+        print(text)
+
+
+def emit(args, obj) -> None:
+    """The command's machine output, where --json says."""
+    from ..fileio import emit_json
+
+    if args.json:
+        emit_json(args.json, obj)
+        if not json_to_stdout(args):
+            print(f"wrote {args.json}")
+
+
+def note(args, line: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(line, file=sys.stderr, flush=True)

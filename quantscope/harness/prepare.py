@@ -1,0 +1,246 @@
+"""Before any work: validate every input and build one job per format, baseline first.
+
+The model reference is resolved, its tokenizer and config loaded and its safetensors headers read
+once into :class:`Inputs`, with the evaluation text tokenized; `recommend` measures its ladder one
+format at a time and hands the same Inputs to every step. :func:`calibration_head` is the one place
+the calibration tokens are cut from a text (`compare` and `save` both use it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..dtypes import short_name
+from ..errors import QuantscopeError
+from ..quantization import Format, resolve, resolve_all
+from .config import CompareConfig, Job
+
+
+@dataclass
+class Inputs:
+    """A model reference resolved and a text tokenized, once (reused by every step of a ladder)."""
+
+    model_ref: str
+    text_ref: str
+    trust_remote_code: bool
+    kind: str  # embedded | local | hub | gguf
+    path: str
+    fingerprint: str
+    model_name: str
+    tokenizer: object
+    model_config: object
+    text: object  # evaluate.text.TextSource
+    ids: torch.Tensor
+    _texts: dict = field(default_factory=dict)  # other texts (calibration) tokenized: {ref: (source, ids)}
+
+    def matches(self, config: CompareConfig) -> bool:
+        return (config.model, config.text, config.trust_remote_code) == (
+            self.model_ref, self.text_ref, self.trust_remote_code)
+
+    def tokens_of(self, ref: str):
+        """(TextSource, token ids) of another text, tokenized once."""
+        from ..evaluate.text import load_text, tokenize
+
+        if ref not in self._texts:
+            src = load_text(ref)
+            self._texts[ref] = (src, self.ids if src.sha256 == self.text.sha256 else tokenize(self.tokenizer, src.text))
+        return self._texts[ref]
+
+
+def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Inputs:
+    """Resolve `model` (tokenizer, config, a read of every safetensors header) and tokenize `text`."""
+    from ..evaluate.text import load_text, tokenize
+    from ..model.load import load_config, load_tokenizer, resolve as resolve_model
+
+    kind, path, fingerprint, model_name = resolve_model(model)
+    try:
+        tok = load_tokenizer(path, trust_remote_code)
+        mcfg = load_config(path, trust_remote_code)
+    except QuantscopeError:
+        raise
+    except Exception as e:
+        hint = " (offline, or no such model?)" if kind == "hub" else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise QuantscopeError(f"could not load model '{model}'{hint}: {type(e).__name__}: {first}") from None
+    if kind == "local":
+        check_safetensors(Path(path))
+    src = load_text(text)
+    return Inputs(model, text, trust_remote_code, kind, str(path), fingerprint, model_name, tok, mcfg,
+                  src, tokenize(tok, src.text))
+
+
+def check_safetensors(folder: Path) -> None:
+    """Read every safetensors header (cheap) so a corrupt or truncated weight file fails before any work."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+                if keys:
+                    h.get_slice(keys[-1])
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+            raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: {first}") from None
+
+
+@dataclass(frozen=True)
+class CalibrationHead:
+    tokens: torch.Tensor  # [n, seqlen] token ids
+    source: str  # the text's name
+    eval_start: int  # where the evaluation windows of the same text start (0: another text)
+    notes: tuple[str, ...]
+
+
+def calibration_head(ids: torch.Tensor, name: str, samples: int, seqlen: int, *, same_text: bool) -> CalibrationHead:
+    """The first `samples` x `seqlen` tokens of a text. When it is the evaluation text, evaluation
+    starts after them: disjoint by construction."""
+    from ..evaluate.text import head_samples
+
+    calib = head_samples(ids, samples, seqlen, name)
+    n = calib.shape[0]
+    if same_text:
+        notes = [f"calibration: the first {samples * seqlen} tokens of {name} ({samples} x {seqlen}); "
+                 "evaluation windows start after them (disjoint)"]
+    else:
+        notes = [f"calibration: {samples} x {seqlen} tokens from the head of {name}"]
+    if n < samples:
+        notes.append(f"calibration text has room for only {n} samples of {seqlen} tokens")
+    return CalibrationHead(calib, name, n * seqlen if same_text else 0, tuple(notes))
+
+
+def calibration_overlap(calib: torch.Tensor, windows: torch.Tensor, n: int = 8) -> float:
+    """Share of the evaluation windows' n-token sequences that also occur in the calibration rows."""
+    def grams(rows: torch.Tensor) -> set:
+        out = set()
+        for r in rows.tolist():
+            out.update(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        return out
+
+    ev = grams(windows)
+    return len(ev & grams(calib)) / len(ev) if ev else 0.0
+
+
+def versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    return {"quantscope_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__}
+
+
+@dataclass
+class Prepared:
+    config: CompareConfig
+    formats: list[Format]  # baseline first
+    jobs: list[Job]
+    notes: list[str]
+    meta: dict
+    inputs: Inputs
+
+
+def baseline_format(config: CompareConfig) -> Format:
+    return resolve(short_name(config.dtype))
+
+
+def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
+    """Validate the inputs and build one job per format; raises QuantscopeError on any bad input.
+    Pass the `inputs` of an earlier prepare with the same model and text to skip loading them again."""
+    from ..evaluate.text import make_windows
+    from ..measure.machine import machine_info
+
+    formats = resolve_all(config.formats)
+    base = baseline_format(config)
+    if inputs is None or not inputs.matches(config):
+        inputs = load_inputs(config.model, config.text, config.trust_remote_code)
+    text, ids, mcfg = inputs.text, inputs.ids, inputs.model_config
+    notes: list[str] = []
+    max_pos = getattr(mcfg, "max_position_embeddings", None)
+    if max_pos and config.ctx > max_pos:
+        raise QuantscopeError(f"--ctx {config.ctx} is longer than the model's maximum ({max_pos} tokens)")
+    calib, start = None, 0
+    if any(f.needs_calibration for f in formats) or config.reserve_calib:
+        csrc, cids = inputs.tokens_of(config.calib) if config.calib is not None else (text, ids)
+        same = csrc.sha256 == text.sha256
+        head = calibration_head(cids, text.name if same else csrc.name, config.calib_samples,
+                                config.calib_seqlen, same_text=same)
+        calib, start = head.tokens, head.eval_start
+        notes.extend(head.notes)
+    windows = make_windows(ids, config.ctx, config.windows, start=start, source=text.name)
+    overlap = calibration_overlap(calib, windows) if calib is not None else None
+    # disjoint text still shares common phrases (0.3% of 8-grams between disjoint halves of
+    # WikiText-2 test, measured); 2% and above means the same passages are in both
+    if overlap is not None and overlap >= 0.02:
+        notes.append(f"WARNING: {100 * overlap:.1f}% of the evaluation's 8-token sequences also occur in the "
+                     "calibration data: calibrated formats are being scored partly on text they were fitted to")
+    score_from = config.ctx // 2 if config.score_second_half else 1
+    tasks = _load_tasks(config)
+    lm_eval = _lm_eval_spec(config)
+    sweep = {}
+    for L in config.ctx_sweep:
+        if max_pos and L > max_pos:
+            raise QuantscopeError(f"--ctx-sweep {L} is longer than the model's maximum ({max_pos} tokens)")
+        # about the same number of scored tokens at every length, from the same start of the text
+        n = max(1, (config.windows * config.ctx) // L)
+        sweep[L] = make_windows(ids, L, n, start=start, source=text.name)
+    common = {
+        "model": inputs.model_name, "model_ref": config.model, "model_fingerprint": inputs.fingerprint,
+        "text": text.name, "text_sha256": text.sha256, "ctx": config.ctx, "windows": config.windows,
+        "window_start_token": start, "scoring": "second-half" if config.score_second_half else "all-but-first",
+        "calibration_overlap": overlap, **versions(),
+    }
+    ordered = [base] + [f for f in formats if f.name != base.name]
+    vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
+    ref_bytes = config.windows * (config.ctx - score_from) * vocab * 4
+    cache_ref = ref_bytes <= config.reference_cache_bytes and not sweep and len(ordered) > 1
+    jobs = []
+    for f in ordered:
+        is_base = f.name == base.name
+        jobs.append(Job(format=f.name, is_baseline=is_base, model_path=inputs.path, model_name=inputs.model_name,
+                        model_ref=config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                        windows=windows, score_from=score_from, calib=calib if f.needs_calibration else None,
+                        include=config.include, exclude=config.exclude, speed=config.speed,
+                        measure_speed=config.measure_speed, threads=config.threads, common=dict(common),
+                        tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
+                        ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
+    if inputs.kind in ("embedded", "gguf"):
+        notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
+                     "full-precision checkpoint)")
+    meta = {**common, "formats": [f.name for f in ordered], "notes": notes, "machine": machine_info(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict()}
+    return Prepared(config, ordered, jobs, notes, meta, inputs)
+
+
+def _load_tasks(config: CompareConfig) -> tuple:
+    if not config.tasks:
+        return ()
+    from ..evaluate.tasks import load_task
+
+    out = []
+    for tname, tpath, *own_limit in config.tasks:
+        limit = own_limit[0] if own_limit else config.task_limit
+        out.append(load_task(tname, tpath, limit=limit, sample_seed=config.task_sample_seed,
+                             shots=config.task_shots if tname == "mmlu" else 0))
+    return tuple(out)
+
+
+def _lm_eval_spec(config: CompareConfig) -> dict:
+    if not config.lm_eval_tasks:
+        return {}
+    from ..evaluate.lmeval_adapter import import_lm_eval
+
+    import_lm_eval()  # not installed: the install hint now, before any format is measured
+    include = config.lm_eval_include
+    if include is not None and not os.path.isdir(include):
+        raise QuantscopeError(f"--lm-eval-include {include}: not a directory of lm-eval task YAML files")
+    return {"tasks": list(config.lm_eval_tasks), "include": include and os.path.abspath(include),
+            "limit": config.task_limit}

@@ -1,0 +1,106 @@
+"""A comparison run: every job measured (or read back from the run directory) and paired.
+
+With a run directory, each finished record is stored (SQLite, one transaction per record) under a
+key of (model fingerprint, format, evaluation spec, version): re-running the same comparison reuses
+what is done and measures only the rest. Failed formats are not stored, so they are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import QuantscopeError
+from ..results.keys import record_key
+from .config import CompareConfig, Job
+from .pairing import add_paired_statistics
+from .prepare import Inputs, prepare
+from .worker import ReferenceStore, run_job
+
+# settings that change how a run is carried out, not its figures: not part of the run directory's name
+_NOT_IN_RUN_NAME = ("formats", "isolate", "threads", "progress", "reference_cache_bytes")
+
+
+def eval_spec(job: Job) -> dict:
+    """Everything besides the model and format that a record's numbers depend on."""
+    calib = hashlib.sha256(job.calib.numpy().tobytes()).hexdigest() if job.calib is not None else None
+    return {
+        "text_sha256": job.common["text_sha256"], "ctx": job.common["ctx"], "windows": job.common["windows"],
+        "window_start_token": job.common["window_start_token"], "scoring": job.common["scoring"],
+        "include": list(job.include), "exclude": list(job.exclude), "calib_sha256": calib,
+        "dtype": job.dtype, "speed": asdict(job.speed) if job.measure_speed else None,
+        "tasks": [[t.name, t.source, len(t.items), getattr(t, "shots", 0)] for t in job.tasks],
+        "ctx_sweep": sorted(job.sweep_windows),
+        # only when asked: records stored before lm-eval tasks existed keep their keys
+        **({"lm_eval": job.lm_eval} if job.lm_eval else {}),
+        # records of runs that select more than the decoder linears were stored while a tied
+        # embedding's parameters counted twice in bits_per_weight: those are measured again
+        **({"tied_params": "once"} if job.include else {}),
+    }
+
+
+def job_key(job: Job) -> str:
+    return record_key(job.common["model_fingerprint"], job.format, eval_spec(job), __version__)
+
+
+def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str:
+    """`quantscope-runs/<model>-<text>-<hash of the evaluation settings>`: the same command resumes."""
+    key = json.dumps({k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_NAME},
+                     sort_keys=True, default=str)
+
+    def short(s) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(str(s).rstrip("/")))[:24].strip("-") or "x"
+
+    return os.path.join(root, f"{short(config.model)}-{short(config.text)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+
+
+def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,
+            run_dir: str | os.PathLike | None = None, inputs: Inputs | None = None) -> tuple[list[dict], dict]:
+    """Run the comparison: (records, meta). `on_record` sees each record as it is finished.
+    `inputs` (from an earlier prepare with the same model and text) skips loading them again."""
+    from ..results.store import RunStore
+
+    prep = prepare(config, inputs)
+    # an existing run directory is opened up front (to reuse its records); a new one only once the
+    # baseline has been measured, so a run that fails on bad input leaves nothing behind
+    store = RunStore.open(run_dir, meta=prep.meta) if run_dir is not None and Path(run_dir).exists() else None
+    records = []
+    refs = ReferenceStore()
+    try:
+        for job in prep.jobs:
+            key = job_key(job) if run_dir is not None else None
+            rec = store.get(key) if store else None
+            if rec is not None and job.is_baseline and job.ref_mode == "export" and any(
+                    not store.has(job_key(j)) for j in prep.jobs[1:]):
+                # stored, but the formats still to measure need its log-probabilities: one pass over the
+                # windows only (its tasks, context sweep and speed are in the stored record)
+                again = run_job(replace(job, tasks=(), sweep_windows={}, measure_speed=False, lm_eval={}),
+                                isolate=config.isolate, refs=refs)
+                if again.get("error"):
+                    raise QuantscopeError(f"the baseline could not be measured: {again['error']}")
+            if rec is not None:
+                rec = dict(rec, reused=True)
+            else:
+                rec = run_job(job, isolate=config.isolate, refs=refs)
+                if rec.get("error") and job.is_baseline:
+                    raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")
+                if run_dir is not None and not rec.get("error"):
+                    if store is None:
+                        store = RunStore.open(run_dir, meta=prep.meta)
+                    store.put(key, rec)
+            if on_record:
+                on_record(rec)
+            records.append(rec)
+        add_paired_statistics(records)
+        if store:
+            store.update_meta({"last_formats": [r["format"] for r in records]})
+    finally:
+        if store:
+            store.close()
+    return records, prep.meta
