@@ -74,3 +74,10 @@ def tiny_model_dir(tmp_path):
 
     text.write_text(python_docs_text()[:20000])
     return d, text
+
+
+def quantized_modules(model):
+    """(name, module) of every quantscope-quantized module (tied heads excluded: they own nothing)."""
+    from quantscope.modules.qmodules import QuantEmbedding, QuantLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]

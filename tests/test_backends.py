@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantscope.backends import (BACKEND_FORMATS, available, backend_format, list_backend_formats,
+from quantscope.backends import (BACKEND_FORMATS, available, backend_format,
                                  load_backend)
 from quantscope.backends._common import walk_storage
 from quantscope.errors import QuantscopeError
@@ -62,7 +62,7 @@ def _require(fmt):
 
 
 def test_importing_the_table_imports_no_backend_library():
-    code = ("import sys, quantscope.backends as b; b.available('bnb-nf4'); b.list_backend_formats(); "
+    code = ("import sys, quantscope.backends as b; b.available('bnb-nf4'); [b.available(n) for n in b.BACKEND_FORMATS]; "
             "print(sorted(m for m in ('bitsandbytes', 'torchao', 'hqq', 'optimum.quanto', 'gguf', "
             "'llmcompressor', 'torch') if m in sys.modules))")
     repo = Path(__file__).resolve().parents[1]
@@ -241,14 +241,16 @@ def test_empty_selection_is_an_error():
         load_backend(fmt.name).quantize(_tiny_llama(), fmt, lambda n, m: False)
 
 
-def test_list_backend_formats_rows_cover_the_table(monkeypatch):
+def test_list_formats_rows_cover_the_backend_table(monkeypatch):
+    from quantscope.api import list_formats
+
     monkeypatch.delenv("QUANTSCOPE_LLMC_PYTHON", raising=False)
     if importlib.util.find_spec("llmcompressor") is not None:
         pytest.skip("llmcompressor is installed in this environment")
-    rows = list_backend_formats()
+    rows = [r for r in list_formats() if r["backend"] != "quantscope"]
     assert [r["name"] for r in rows] == list(BACKEND_FORMATS)
     llmc = next(r for r in rows if r["name"] == "llmc-awq-int4-g128")
-    assert llmc["available"] is False and "transformers" in llmc["status"]
+    assert llmc["installed"] is False and "transformers" in llmc["note"]
 
 
 # --- llama.cpp ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from quantscope.formats.spec import parse_format
 from quantscope.methods import calibrate
 from quantscope.methods.calibrate import CalibConfig, quantize_calibrated
 from quantscope.modules.qmodules import QuantEmbedding, QuantLinear
-from quantscope.modules.swap import quantize_model
+from quantscope.api import quantize
 from quantscope.formats.registry import storage_bytes
 
 
@@ -58,7 +58,7 @@ def test_calibrated_beats_rtn_at_3_bits(make, fmt):
     calib = _calib()
     ids = torch.stack(calib)
     spec = parse_format(fmt)
-    rtn = quantize_model(copy.deepcopy(base), spec.rtn())
+    rtn = quantize(copy.deepcopy(base), spec.rtn())
     model, report = quantize_calibrated(copy.deepcopy(base), spec, calib)
     assert _kl(base, model, ids) < 0.9 * _kl(base, rtn, ids)
     qlin = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
@@ -112,7 +112,7 @@ def test_bf16_forward(make):
     ids = torch.stack(calib)
     spec = parse_format("gptq-int3-g32-bf16fwd")
     assert spec.calib_dtype == "bfloat16" and spec.rtn().name == "int3-g32"
-    rtn = quantize_model(copy.deepcopy(base), spec.rtn())
+    rtn = quantize(copy.deepcopy(base), spec.rtn())
     full, _ = quantize_calibrated(copy.deepcopy(base), parse_format("gptq-int3-g32"), calib)
     model, report = quantize_calibrated(copy.deepcopy(base), spec, calib)
     assert report["calib_dtype"] == "bfloat16" and any("bfloat16" in n for n in report["notes"])

@@ -13,7 +13,8 @@ from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats import parse_format
 from quantscope.measure.memory import weight_bytes
 from quantscope.modules.qmodules import QuantLinear, TiedQuantHead
-from quantscope.modules.swap import quantize_model, select_modules
+from quantscope.api import quantize
+from quantscope.modules.swap import select_modules
 
 from conftest import tiny_llama
 from quantscope.formats.registry import storage_bytes
@@ -40,7 +41,7 @@ def test_perplexity_is_exp_mean_nll_and_self_kld_zero():
 
 def test_lossy_format_has_positive_kld():
     m = tiny_llama()
-    q = quantize_model(tiny_llama(), parse_format("int3-g32"))
+    q = quantize(tiny_llama(), parse_format("int3-g32"))
     windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     s = score_windows(q, windows, reference=m).summary()
     assert s["kld_mean"] > 1e-4
@@ -52,7 +53,7 @@ def test_quantized_model_is_small_and_selection_default():
     names = select_modules(m)
     assert names and all(".layers." in n for n in names)  # decoder linears only by default
     base = weight_bytes(m)
-    q = quantize_model(m, parse_format("int4-g128"))
+    q = quantize(m, parse_format("int4-g128"))
     assert all(isinstance(q.get_submodule(n), QuantLinear) for n in names)
     assert weight_bytes(q) < base
 
@@ -60,7 +61,7 @@ def test_quantized_model_is_small_and_selection_default():
 def test_tied_embedding_quantized_once():
     m = tiny_llama(tied=True)
     ref = tiny_llama(tied=True)
-    q = quantize_model(m, parse_format("int8"), include=["embed_tokens"])
+    q = quantize(m, parse_format("int8"), include=["embed_tokens"])
     assert isinstance(q.lm_head, TiedQuantHead)
     assert q.lm_head.embedding is q.model.embed_tokens
     ids = torch.randint(0, 256, (1, 16))

@@ -12,7 +12,7 @@ import torch
 from quantscope.api import quantize
 from quantscope.errors import QuantscopeError
 from quantscope.model.export import save_compressed_tensors, weight_args
-from quantscope.modules.swap import quantized_modules
+from conftest import quantized_modules
 from quantscope.quantization import resolve
 from quantscope.save import SaveConfig, _integer_formats, save
 

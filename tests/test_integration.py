@@ -32,7 +32,7 @@ def test_embedded_int8_close_and_int4_further(embedded):
     from quantscope.evaluate.perplexity import score_windows
     from quantscope.evaluate.text import load_text, make_windows, tokenize
     from quantscope.measure.memory import weight_bytes
-    from quantscope.modules.swap import quantize_model
+    from quantscope.api import quantize
     from quantscope.formats import parse_format
     import copy
 
@@ -40,13 +40,13 @@ def test_embedded_int8_close_and_int4_further(embedded):
     ids = tokenize(embedded.tokenizer, load_text("python-docs").text)
     assert len(ids) > 100_000
     win = make_windows(ids, 128, 2)
-    q8 = quantize_model(copy.deepcopy(base), parse_format("int8"))
+    q8 = quantize(copy.deepcopy(base), parse_format("int8"))
     s8 = score_windows(q8, win, reference=base).summary()
     b = score_windows(base, win).summary()
     assert abs(s8["perplexity"] / b["perplexity"] - 1) < 0.02
     assert 0 < s8["kld_mean"] < 0.02
     del q8
-    q4 = quantize_model(copy.deepcopy(base), parse_format("int4-g128"))
+    q4 = quantize(copy.deepcopy(base), parse_format("int4-g128"))
     s4 = score_windows(q4, win, reference=base).summary()
     assert s4["kld_mean"] > s8["kld_mean"]
     assert weight_bytes(q4) < weight_bytes(base) / 2.5

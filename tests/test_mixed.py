@@ -14,7 +14,8 @@ from quantscope.measure.memory import tensor_bytes, weight_bytes
 from quantscope.plan.mixed import mixed_weight_bytes
 from quantscope.methods.mixed import (MixedSpec, bpw_of_plan, edges_plan, parse_mixed,
                                       plan_bytes, quantize_mixed)
-from quantscope.modules.swap import quantized_modules, select_modules
+from conftest import quantized_modules
+from quantscope.modules.swap import select_modules
 from quantscope.quantization import resolve
 from quantscope.formats.registry import storage_bytes
 

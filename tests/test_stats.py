@@ -19,16 +19,20 @@ def test_mean_stderr_matches_formula():
         stats.mean_stderr([])
 
 
-def test_perplexity_with_stderr_matches_delta_method():
+def test_window_perplexity_stderr_is_the_delta_method():
+    from quantscope.evaluate.perplexity import WindowScores
+
     rng = np.random.default_rng(1)
     nll = rng.gamma(2.0, 1.3, size=500)
-    ppl, se = stats.perplexity_with_stderr(float(nll.sum()), float((nll**2).sum()), nll.size)
-    assert ppl == pytest.approx(math.exp(nll.mean()))
-    # llama.cpp: sqrt((E[x^2] - E[x]^2) / (n - 1)) equals the sample std over sqrt(n)
-    assert se == pytest.approx(ppl * nll.std(ddof=1) / math.sqrt(nll.size), rel=1e-9)
+    summary = WindowScores(nll=[nll[:200], nll[200:]]).summary()
+    ppl = math.exp(nll.mean())
+    assert summary["perplexity"] == pytest.approx(ppl)
+    # llama.cpp: ppl * sqrt((E[x^2] - E[x]^2) / (n - 1)), the sample std over sqrt(n) times ppl
+    var = (nll**2).mean() - nll.mean() ** 2
+    assert summary["perplexity_stderr"] == pytest.approx(ppl * math.sqrt(var / (nll.size - 1)), rel=1e-9)
+    assert summary["window_nll"] == pytest.approx([nll[:200].sum(), nll[200:].sum()])
     # constant NLL: no spread, zero error
-    assert stats.perplexity_with_stderr(20.0, 40.0, 10) == pytest.approx((math.exp(2.0), 0.0))
-
+    assert WindowScores(nll=[np.full(10, 2.0)]).summary()["perplexity_stderr"] == 0.0
 
 def test_wilson_matches_hand_computed_value():
     # 8 / 10 at z = 1.96: centre 0.99208 / 1.38416, half 1.96 * sqrt(0.025604) / 1.38416

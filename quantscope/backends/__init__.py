@@ -274,14 +274,3 @@ def load_backend(name: str) -> ModuleType:
     except ImportError as exc:
         raise QuantscopeError(
             f"{fmt.backend} is installed but failed to import ({exc}); {fmt.install_hint}") from exc
-
-
-def list_backend_formats() -> list[dict[str, object]]:
-    """Rows for `quantscope formats`: name, backend, installed/runs, reason, bits, description."""
-    rows = []
-    for fmt in BACKEND_FORMATS.values():
-        ok, why = available(fmt.name)
-        rows.append({"name": fmt.name, "backend": fmt.backend, "available": ok, "status": why,
-                     "nominal_bits": fmt.nominal_bits, "needs_calibration": fmt.needs_calibration,
-                     "description": fmt.description})
-    return rows

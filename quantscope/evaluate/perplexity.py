@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .stats import mean_stderr
+
 
 @dataclass
 class WindowScores:
@@ -32,8 +34,7 @@ class WindowScores:
     def summary(self) -> dict:
         nll = np.concatenate(self.nll).astype(np.float64)
         n = len(nll)
-        mean = float(nll.mean())
-        se_mean = float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        mean, se_mean = mean_stderr(nll)
         ppl = math.exp(mean)
         out = {
             "tokens_scored": n,
@@ -46,9 +47,10 @@ class WindowScores:
         if self.kld:
             kld = np.concatenate(self.kld).astype(np.float64)
             top1 = np.concatenate(self.top1)
+            kld_mean, kld_se = mean_stderr(kld)
             out.update({
-                "kld_mean": float(kld.mean()),
-                "kld_stderr": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+                "kld_mean": kld_mean,
+                "kld_stderr": kld_se,
                 "kld_p99": float(np.quantile(kld, 0.99)),
                 "kld_median": float(np.median(kld)),
                 "top1_agreement": float(top1.mean()),

@@ -36,23 +36,6 @@ def mean_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     return mean, float(x.std(ddof=1) / math.sqrt(x.size))
 
 
-def perplexity_with_stderr(nll_sum: float, nll_sq_sum: float, n_tokens: int) -> tuple[float, float]:
-    """Perplexity ``exp(mean NLL)`` and its standard error by the delta method, as llama.cpp does.
-
-    ``nll_sum`` and ``nll_sq_sum`` are the sums over tokens of the per-token negative log-likelihood
-    and of its square. The standard error of the mean NLL is ``sqrt(var / (n - 1))`` with
-    ``var = E[nll^2] - E[nll]^2``; the delta method gives ``se(ppl) = ppl * se(mean NLL)``.
-    """
-    if n_tokens <= 0:
-        raise ValueError(f"perplexity over {n_tokens} tokens")
-    mean = nll_sum / n_tokens
-    ppl = math.exp(mean)
-    if n_tokens < 2:
-        return ppl, float("nan")
-    var = max(nll_sq_sum / n_tokens - mean * mean, 0.0)  # clamp float round-off below zero
-    return ppl, ppl * math.sqrt(var / (n_tokens - 1))
-
-
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``k / n`` (well-behaved at 0 and n)."""
     if n <= 0:

@@ -117,7 +117,7 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
 
 def _measure(job: Job, progress: Callable | None, refs) -> dict:
     from ..evaluate.perplexity import score_windows
-    from ..measure.memory import peak_rss_bytes, reset_peak_rss, tensor_bytes, weight_bytes
+    from ..measure.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tensor_bytes, weight_bytes
     from ..measure.speed import measure_speed
     from ..model.load import load_model
     from ..modules.swap import select_modules
@@ -150,7 +150,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
         gc.collect()
         peak_before = peak_rss_bytes()
         phase_peak = reset_peak_rss()
-        rss_before = peak_rss_bytes()  # just after the reset, the peak is the current RSS
+        rss_before = current_rss_bytes()
         done = quantize(qmodel, fmt, _options(job, fmt.kind))
         if phase_peak:  # the quantization's own peak, next to where it started from
             rec["rss_before_quantize_bytes"] = rss_before

@@ -106,15 +106,3 @@ def apply_plan(model: nn.Module, plan: dict[str, FormatSpec],
         set_module(model, name, new)
         del m
     return model
-
-
-def quantize_model(model: nn.Module, spec: FormatSpec, include: Iterable[str] = (),
-                   exclude: Iterable[str] = ()) -> nn.Module:
-    """Round-to-nearest quantization of the selected modules of `model` into `spec`, in place."""
-    with torch.no_grad():
-        return apply_plan(model, uniform_plan(model, spec, include, exclude))
-
-
-def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every quantscope-quantized module (tied heads excluded: they own nothing)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
