@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_tiny_model
 from quantscope.backends import (BACKEND_FORMATS, available, backend_format, list_backend_formats,
                                  load_backend)
 from quantscope.backends._common import walk_storage
@@ -27,18 +28,9 @@ RUNNABLE = [f for f in BACKEND_FORMATS.values() if f.unsupported_reason is None 
 MIN_COSINE = {8: 0.99, 6: 0.97, 5: 0.97, 4: 0.95, 3: 0.85, 2: 0.5}
 
 
-def _tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    model = _tiny_llama()
+    model = make_tiny_model(tied=False, hidden=128)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = model(ids).logits
@@ -240,7 +232,7 @@ def test_layers_the_block_does_not_divide_are_refused_not_skipped(name):
 def test_empty_selection_is_an_error():
     fmt = BACKEND_FORMATS["gguf-q8_0"]
     with pytest.raises(QuantscopeError, match="no nn.Linear"):
-        load_backend(fmt.name).quantize(_tiny_llama(), fmt, lambda n, m: False)
+        load_backend(fmt.name).quantize(make_tiny_model(tied=False, hidden=128), fmt, lambda n, m: False)
 
 
 def test_list_backend_formats_rows_cover_the_table(monkeypatch):
@@ -298,7 +290,7 @@ def test_f32_gguf_copy_keeps_metadata_and_dequantizes_every_tensor(tmp_path):
 def test_llamacpp_needs_a_gguf_source_and_the_default_selection():
     from quantscope.backends import llamacpp
 
-    model = _tiny_llama()
+    model = make_tiny_model(tied=False, hidden=128)
     fmt = BACKEND_FORMATS["llamacpp-q4_k_m"]
     with pytest.raises(QuantscopeError, match="GGUF source"):
         llamacpp.quantize(model, fmt, lambda n, m: ".layers." in f".{n}", source="/no/such/folder")

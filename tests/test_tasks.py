@@ -34,28 +34,16 @@ def tokenizer():
     return byte_tokenizer()
 
 
-def _config(**kw):
-    from transformers import LlamaConfig
+def _llama(seed=0, positions=512):
+    """conftest's tiny Llama with an untied head and 260 tokens (the tokenizer's 257 fit)."""
+    from conftest import make_tiny_model
 
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=260,
-        max_position_embeddings=512,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
+    return make_tiny_model("llama", seed, tied=False, vocab=260, max_position_embeddings=positions)
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_config())
+    model = _llama()
     with torch.no_grad():  # sharper random logits than the default init, so choices differ
         model.lm_head.weight.normal_(0, 0.5)
     return model.eval()
@@ -65,10 +53,8 @@ def rigged_model(tokenizer, favourite="Z", strength=16.0):
     """A real LlamaForCausalLM whose next-token distribution is fixed: ``favourite`` gets logit
     ``strength``, every other token 0, whatever the context (attention and MLP outputs are
     zeroed, every embedding is the same vector)."""
-    from transformers import LlamaForCausalLM
-
-    cfg = _config(tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = _llama(seed=None)  # every weight that reaches the output is set below
+    cfg = model.config
     (fav,) = tokenizer.encode(favourite)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -326,10 +312,7 @@ def test_acc_norm_divides_by_characters(tokenizer):
 
 
 def test_long_inputs_are_left_truncated(tokenizer):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(_config(max_position_embeddings=16)).eval()
+    model = _llama(seed=1, positions=16)
     item = Item("long", "word " * 20 + "end:", ("ab", "cd"), gold=0)
     scores = score_task(model, tokenizer, Task("jsonl", "knowledge", [item]))
     for c, ll in zip(item.continuations, scores.loglik[0]):
