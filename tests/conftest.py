@@ -11,28 +11,35 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def tiny_llama(seed: int = 0, tied: bool = True, hidden: int = 64, layers: int = 2, vocab: int = 256):
-    from transformers import LlamaConfig, LlamaForCausalLM
+_ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                      max_position_embeddings=256, tie_word_embeddings=tied)
-    m = LlamaForCausalLM(cfg).eval()
+
+def make_tiny_model(arch: str = "llama", seed: int | None = 0, *, tied: bool = True, hidden: int = 64,
+                    layers: int = 2, vocab: int = 256, **overrides):
+    """A tiny random Llama or Qwen2 (eval mode, parameters frozen as quantscope's loader leaves them):
+    `hidden` wide, MLP 2 x hidden, 4 heads over 2 kv heads, 256 positions; any other config key in
+    `overrides` (e.g. ``num_key_value_heads=4``, ``max_position_embeddings=512``). ``torch.manual_seed(seed)``
+    first unless `seed` is None. Every test builds its tiny models here."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in _ARCHS[arch])
+    cfg = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+               max_position_embeddings=256, tie_word_embeddings=tied)
+    cfg.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    m = model_cls(config_cls(**cfg)).eval()
     m.requires_grad_(False)
     return m
+
+
+def tiny_llama(seed: int = 0, tied: bool = True, hidden: int = 64, layers: int = 2, vocab: int = 256):
+    return make_tiny_model("llama", seed, tied=tied, hidden=hidden, layers=layers, vocab=vocab)
 
 
 def tiny_qwen(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    m = Qwen2ForCausalLM(cfg).eval()
-    m.requires_grad_(False)
-    return m
+    return make_tiny_model("qwen2", seed)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from conftest import make_tiny_model, tiny_llama
 from quantscope.errors import QuantscopeError
 from quantscope.formats.spec import parse_format
 from quantscope.methods import calibrate
@@ -25,20 +25,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _llama(**kw):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, **kw)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _qwen2():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
 def _calib(n=16, length=64, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (length,), generator=g) for _ in range(n)]
@@ -51,10 +37,10 @@ def _kl(ref_model, model, ids):
     return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("make", [_llama, _qwen2])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("fmt", ["gptq-int3-g32", "gptq-int3-g32-act", "awq-int3-g32", "awq+gptq-int3-g32"])
-def test_calibrated_beats_rtn_at_3_bits(make, fmt):
-    base = make()
+def test_calibrated_beats_rtn_at_3_bits(arch, fmt):
+    base = make_tiny_model(arch, tied=False)
     calib = _calib()
     ids = torch.stack(calib)
     spec = parse_format(fmt)
@@ -83,16 +69,16 @@ def _storage(model):
 
 @pytest.mark.parametrize("fmt", ["gptq-int4-g32-act", "awq-int3-g32"])
 def test_deterministic(fmt):
-    base = _llama()
+    base = make_tiny_model(tied=False)
     a, _ = quantize_calibrated(copy.deepcopy(base), parse_format(fmt), _calib())
     b, _ = quantize_calibrated(copy.deepcopy(base), parse_format(fmt), _calib())
     sa, sb = _storage(a), _storage(b)
     assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the same computation twice in one process: exact
 
 
 def test_block_path_equals_parts_path(monkeypatch):
-    base = _qwen2()
+    base = make_tiny_model("qwen2", tied=False)
     spec = parse_format("gptq-int3-g32")
     a, ra = quantize_calibrated(copy.deepcopy(base), spec, _calib())
     monkeypatch.setattr(calibrate, "_parts_match", lambda *args, **kw: False)
@@ -100,14 +86,16 @@ def test_block_path_equals_parts_path(monkeypatch):
     assert [x["path"] for x in ra["blocks"]] == ["parts"] * 2 and [x["path"] for x in rb["blocks"]] == ["block"] * 2
     sa, sb = _storage(a), _storage(b)
     assert sa.keys() == sb.keys()
+    # exact: the parts call the block's own submodules on the same tensors in the block's order, so
+    # both paths run the same ops in one process and accumulate bit-identical Hessians
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("make", [_llama, _qwen2])
-def test_bf16_forward(make):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_forward(arch):
     """-bf16fwd: calibration passes in bfloat16, solves from float32 weights; the model comes back in
     float32 with its unquantized parameters bit-identical, and its error stays that of GPTQ."""
-    base = make()
+    base = make_tiny_model(arch, tied=False)
     calib = _calib()
     ids = torch.stack(calib)
     spec = parse_format("gptq-int3-g32-bf16fwd")
@@ -123,7 +111,7 @@ def test_bf16_forward(make):
     for k, v in model.state_dict().items():
         assert v.dtype != torch.bfloat16, k
         if k in ref:  # norms, embeddings, biases: untouched
-            assert torch.equal(v, ref[k]), k
+            assert torch.equal(v, ref[k]), k  # copies: exact
     qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qs) == 14 and all(m.spec == spec for m in qs)
 
@@ -135,7 +123,7 @@ def test_bf16_forward_only_for_gptq():
 
 
 def test_batches_of_mixed_lengths_and_progress():
-    base = _llama()
+    base = make_tiny_model(tied=False)
     calib = _calib(5, 40) + _calib(3, 24, seed=2)
     seen = []
     model, report = quantize_calibrated(copy.deepcopy(base), parse_format("gptq-int4-g32"), calib,
@@ -147,7 +135,7 @@ def test_batches_of_mixed_lengths_and_progress():
 
 
 def test_include_exclude_and_outside_modules_rtn():
-    base = _llama(tie_word_embeddings=False)
+    base = make_tiny_model(tied=False)
     spec = parse_format("gptq-int4-g32")
     model, report = quantize_calibrated(copy.deepcopy(base), spec, _calib(), include=("lm_head",),
                                         exclude=("mlp.down_proj",))
@@ -159,7 +147,7 @@ def test_include_exclude_and_outside_modules_rtn():
 
 
 def test_tied_embedding_included_once():
-    base = _llama(tie_word_embeddings=True)
+    base = tiny_llama()
     model, report = quantize_calibrated(copy.deepcopy(base), parse_format("awq-int4-g32"), _calib(),
                                         include=("embed_tokens",))
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
@@ -173,12 +161,12 @@ def test_tied_embedding_included_once():
                                        ([torch.rand(8)], "not a tensor")])
 def test_bad_calibration_input(calib, msg):
     with pytest.raises(QuantscopeError, match=msg):
-        quantize_calibrated(_llama(), parse_format("gptq-int4-g32"), calib)
+        quantize_calibrated(make_tiny_model(tied=False), parse_format("gptq-int4-g32"), calib)
 
 
 def test_rtn_format_refused():
     with pytest.raises(QuantscopeError, match="not a calibrated"):
-        quantize_calibrated(_llama(), parse_format("int4-g32"), _calib())
+        quantize_calibrated(make_tiny_model(tied=False), parse_format("int4-g32"), _calib())
 
 
 def test_model_without_layers_refused():

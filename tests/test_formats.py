@@ -31,7 +31,7 @@ def test_pack_unpack_exact(bits):
         packed = pack_bits(codes, bits)
         assert packed.dtype == torch.uint8
         assert packed.shape[1] == math.ceil(n / (8 // math.gcd(8, bits))) * (8 // math.gcd(8, bits)) * bits // 8
-        assert torch.equal(unpack_bits(packed, bits, n), codes)
+        assert torch.equal(unpack_bits(packed, bits, n), codes)  # integer codes: exact
 
 
 def test_pack_density():
@@ -47,7 +47,7 @@ def test_ternary_pack_exact():
         t = torch.randint(0, 3, (4, n), generator=g).to(torch.uint8)
         p = pack_ternary(t)
         assert p.shape[1] == math.ceil(n / 5)
-        assert torch.equal(unpack_ternary(p, n), t)
+        assert torch.equal(unpack_ternary(p, n), t)  # integer codes: exact
 
 
 def test_int8_error_within_half_step(gauss):
@@ -128,13 +128,13 @@ def test_storage_bytes_match_definition_and_rows(name, shape):
     qt = quantize_tensor(w, spec)
     assert qt.nbytes == storage_bytes(spec, *shape)
     rows = torch.tensor([0, shape[0] - 1, 2])
-    assert torch.equal(qt.dequantize(rows), qt.dequantize()[rows])
+    assert torch.equal(qt.dequantize(rows), qt.dequantize()[rows])  # per-row elementwise ops: exact
 
 
 def test_int4_g128_bits_per_weight_exact():
     spec = parse_format("int4-g128")
     # 1024 inputs: 8 groups of 128; 4 bits per code + (16-bit scale + 16-bit zero) / 128
-    assert 8 * storage_bytes(spec, 512, 1024) / (512 * 1024) == 4 + 32 / 128
+    assert 8 * storage_bytes(spec, 512, 1024) / (512 * 1024) == 4 + 32 / 128  # powers of two: exact
     # 576 inputs: 5 groups per row (the last one partial)
     assert storage_bytes(spec, 10, 576) == 10 * 288 + 10 * 5 * 4
 

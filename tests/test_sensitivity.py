@@ -77,7 +77,7 @@ def test_the_model_is_unchanged_after_a_scan():
     layer_sensitivity(model, w, INT4, include_embeddings=True)
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-    with torch.inference_mode():
+    with torch.inference_mode():  # exact: the same forward, same weights, same thread count, one process
         assert torch.equal(model(input_ids=w[:1]).logits, out)
 
 
@@ -115,6 +115,7 @@ def test_replaying_the_blocks_before_a_unit_gives_the_same_klds(build):
     fmts = [INT4, parse_format("int3-g128")]
     fast = measure_sensitivity(model, w, fmts, units)
     full = measure_sensitivity(model, w, fmts, units, replay=False)
+    # exact: replay feeds each probe the block outputs the same forward computes on the same window
     assert fast == full
 
 

@@ -34,28 +34,16 @@ def tokenizer():
     return byte_tokenizer()
 
 
-def _config(**kw):
-    from transformers import LlamaConfig
+def _llama(seed=0, positions=512):
+    """conftest's tiny Llama with an untied head and 260 tokens (the tokenizer's 257 fit)."""
+    from conftest import make_tiny_model
 
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=260,
-        max_position_embeddings=512,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
+    return make_tiny_model("llama", seed, tied=False, vocab=260, max_position_embeddings=positions)
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_config())
+    model = _llama()
     with torch.no_grad():  # sharper random logits than the default init, so choices differ
         model.lm_head.weight.normal_(0, 0.5)
     return model.eval()
@@ -65,10 +53,8 @@ def rigged_model(tokenizer, favourite="Z", strength=16.0):
     """A real LlamaForCausalLM whose next-token distribution is fixed: ``favourite`` gets logit
     ``strength``, every other token 0, whatever the context (attention and MLP outputs are
     zeroed, every embedding is the same vector)."""
-    from transformers import LlamaForCausalLM
-
-    cfg = _config(tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = _llama(seed=None)  # every weight that reaches the output is set below
+    cfg = model.config
     (fav,) = tokenizer.encode(favourite)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -279,6 +265,8 @@ def test_scores_equal_direct_log_likelihoods(tiny_model, tokenizer, direct_refer
     for t, expected_all in direct_reference:
         scores = score_task(tiny_model, tokenizer, t, batch_size=batch_size)
         for item, lls, ok, ok_norm, expected in zip(t.items, scores.loglik, scores.correct, scores.correct_norm, expected_all):
+            # batched and padded vs one unpadded forward: float32 sums in other orders, so to 1e-4;
+            # the argmaxes cannot flip: the fixtures' top two choices are >= 3 nats apart (>= 0.48 per char)
             np.testing.assert_allclose(lls, expected, rtol=1e-4, atol=1e-4)
             assert ok == int(np.argmax(expected) == item.gold)
             lens = np.array([len(c) for c in item.choices], dtype=float)
@@ -324,10 +312,7 @@ def test_acc_norm_divides_by_characters(tokenizer):
 
 
 def test_long_inputs_are_left_truncated(tokenizer):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(_config(max_position_embeddings=16)).eval()
+    model = _llama(seed=1, positions=16)
     item = Item("long", "word " * 20 + "end:", ("ab", "cd"), gold=0)
     scores = score_task(model, tokenizer, Task("jsonl", "knowledge", [item]))
     for c, ll in zip(item.continuations, scores.loglik[0]):
@@ -379,7 +364,7 @@ def test_task_scores_round_trip_through_json(tiny_model, tokenizer):
     scores = score_task(tiny_model, tokenizer, load_task("lambada", FIXTURES / "lambada_small.jsonl"))
     back = TaskScores.from_dict(json.loads(json.dumps(scores.to_dict())))
     assert back.item_ids == scores.item_ids
-    np.testing.assert_array_equal(back.correct, scores.correct)
+    np.testing.assert_array_equal(back.correct, scores.correct)  # integers: exact
     np.testing.assert_allclose(back.target_nll, scores.target_nll)
     assert tasks.cloze_perplexity(back, scores)["perplexity_delta"] == 0.0
 
@@ -418,6 +403,7 @@ def test_loglikelihoods_equal_lm_eval_hflm(tiny_model, tokenizer):
     ]
     theirs = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
     ours = np.concatenate(score_task(tiny_model, tokenizer, task).loglik)
+    # lm-eval batches and pads its own way: float32 sums in other orders, equal to 1e-4, not bitwise
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -431,13 +417,13 @@ def test_lm_eval_adapter_runs_a_local_task_offline(tmp_path, monkeypatch, tokeni
     rig = rigged_model(tokenizer)
     state = torch.random.get_rng_state()
     out = run_lm_eval(rig, tokenizer, ["qs_known"], include_path=str(_local_yaml(tmp_path)), include_defaults=False, batch_size=4)
-    assert torch.equal(state, torch.random.get_rng_state())  # global seeds left alone
+    assert torch.equal(state, torch.random.get_rng_state())  # global seeds left alone (bytes: exact)
     entry = out["tasks"]["qs_known"]
     assert entry["n"] == 3 and entry["acc"] == 1.0 and entry["acc_norm"] == 1.0
     assert entry["per_item"]["acc"] == [1.0, 1.0, 1.0]
     theirs = to_task_scores(out, "qs_known")
     ours = score_task(rig, tokenizer, load_task("jsonl", FIXTURES / "known_answer.jsonl"))
-    np.testing.assert_array_equal(theirs.correct, ours.correct)
+    np.testing.assert_array_equal(theirs.correct, ours.correct)  # 0/1 on a rigged model's wide margins
     assert summarize(theirs, theirs)["delta"] == 0.0  # lm-eval runs pair with each other
     with pytest.raises(QuantscopeError, match="lm-eval:.*qs_nope"):
         run_lm_eval(rig, tokenizer, ["qs_nope"], include_path=str(tmp_path), include_defaults=False)

@@ -11,12 +11,14 @@ against, not a hidden engine.
 Choices, all documented where they are made:
 
 - Hessian ``H = 2/n X^T X``. Each batch's ``X^T X`` is computed in float32 (matmuls over at most a
-  few thousand rows, relative error ~1e-6; only the upper block triangle, mirrored) and summed
-  into a float64 accumulator, so the sum over ~65k calibration tokens loses nothing; the Cholesky
-  factorisations run in float64, the column loop in float32 (as the reference does). Within a block of ``spec.block_size`` columns, the error
-  feedback of the block's earlier columns is applied to each column just before it is rounded (one
-  matrix-vector product) instead of to all remaining columns after each one (the reference's
-  rank-1 update): the same arithmetic, one op per column, and a 2-8x faster loop on this CPU.
+  few thousand rows, relative error ~1e-6; only the upper block triangle, mirrored, so H is exactly
+  symmetric whatever the BLAS: see :func:`_gram`) and summed into a float64 accumulator, so the
+  sum over ~65k calibration tokens loses nothing; the Cholesky factorisations run in float64,
+  the column loop in float32 (as the reference does). Within a block of ``spec.block_size``
+  columns, the error feedback of the block's earlier columns is applied to each column just
+  before it is rounded (one matrix-vector product) instead of to all remaining columns after each
+  one (the reference's rank-1 update): the same arithmetic, one op per column, and a 2-8x faster
+  loop on this CPU.
 - Dampening: ``spec.damp x mean(diag H)`` added to the diagonal. If the Cholesky factorisation
   fails (H not positive definite after dampening: NaN/Inf activations, extreme conditioning), the
   dampening is multiplied by 10 up to three more times; if it still fails the layer falls back to
@@ -51,22 +53,34 @@ _DAMP_RETRIES = 3  # after the first attempt: damp x10, x100, x1000, then RTN
 
 
 def _gram(x: torch.Tensor, min_block: int = 144) -> torch.Tensor:
-    """``x^T x`` computed as its upper block triangle, mirrored: (k+1)/(2k) of the multiplications
-    of one full product for k column blocks (torch has no symmetric rank-k update; the blocks stay
-    large enough, >= `min_block` columns, for the matrix multiply to run at full speed). On the
-    embedded model this is most of GPTQ's work after the forward passes (down_proj: 1536^2 per token)."""
+    """``x^T x``, exactly symmetric by construction, computed as its upper block triangle:
+    (k+1)/(2k) of the multiplications of one full product for k column blocks (torch has no
+    symmetric rank-k update; the blocks stay large enough, >= `min_block` columns, for the matrix
+    multiply to run at full speed). On the embedded model this is most of GPTQ's work after the
+    forward passes (down_proj: 1536^2 per token).
+
+    Why by construction: a BLAS does not promise that ``x^T x`` comes out bitwise symmetric (MKL's
+    AVX2 kernels, for one, sum entry (i, j) and entry (j, i) in different orders), and GPTQ's
+    solve and Cholesky must see one matrix, not two triangles that differ in the last bit on some
+    processors. So each off-diagonal block is computed once and mirrored by transpose, and each
+    diagonal block ``D`` is replaced by ``(D + D^T) / 2``: exactly symmetric because float addition
+    is commutative (``D_ij + D_ji`` and ``D_ji + D_ij`` are the same rounded sum; halving is the
+    same operation on the same value), and the result lies between the two triangles' values, to one
+    rounding, so it is as close to the exact product as either."""
     n = x.shape[1]
     k = max(1, min(6, n // min_block))
     if k == 1:
-        return x.t() @ x
+        g = x.t() @ x
+        return (g + g.t()).mul_(0.5)
     edges = [round(i * n / k) for i in range(k + 1)]
     out = torch.empty(n, n, dtype=x.dtype)
     for a in range(k):
-        xa = x[:, edges[a]:edges[a + 1]]
-        rest = x[:, edges[a]:]
-        blk = xa.t() @ rest  # row block a, columns from a's diagonal block to the end
-        out[edges[a]:edges[a + 1], edges[a]:] = blk
-        out[edges[a + 1]:, edges[a]:edges[a + 1]] = blk[:, edges[a + 1] - edges[a]:].t()
+        lo, hi = edges[a], edges[a + 1]
+        blk = x[:, lo:hi].t() @ x[:, lo:]  # row block a, from a's diagonal block to the end
+        d = blk[:, :hi - lo]
+        torch.add(d, d.t(), out=out[lo:hi, lo:hi]).mul_(0.5)
+        out[lo:hi, hi:] = blk[:, hi - lo:]
+        out[hi:, lo:hi] = blk[:, hi - lo:].t()
     return out
 
 
