@@ -1,6 +1,6 @@
 """Recommend a format: a pure policy over result records, following the quantization recipe.
 
-The recipe (issue 6), in order: ``int8`` -> 4-bit round-to-nearest (``int4-g128``, ``nf4``) ->
+The recipe, in order: ``int8`` -> 4-bit round-to-nearest (``int4-g128``, ``nf4``) ->
 4-bit calibrated (``gptq-int4-g128-act``, ``awq-int4-g128``, ``awq+gptq-int4-g128``) -> mixed precision (the caller's
 allocations, smallest budget first) -> otherwise the widest format that fits memory, saying that
 nothing smaller met the target.
@@ -34,13 +34,12 @@ skipped. A memory budget no candidate fits raises :class:`QuantscopeError` namin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from quantscope.errors import QuantscopeError
-
-Record = Mapping[str, Any]
-Z95 = 1.959963984540054  # two-sided 95% normal quantile, for kld_mean +- z x kld_stderr
+from quantscope.evaluate.stats import Z95
+from quantscope.results.record import Record
 PREFERENCES = ("smallest", "fastest")
 
 
@@ -352,82 +351,3 @@ def _raise_nothing_fits(target: Target, sizes: Mapping[str, int | None]) -> None
         f"no format fits memory {_gb(target.memory_bytes)} ({target.memory_bytes:,} bytes): the closest is "
         f"{closest} at {_gb(known[closest])} ({known[closest]:,} bytes)"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Scenarios (seed 000's table)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    target: Target
-    ladder: Ladder
-    needs_memory: bool  # the scenario is defined by a memory limit: --memory is required
-    rationale: str  # the seed table's row, and how the numbers follow from it
-
-
-# Seed 000's table gives a "typical accuracy loss" per approach: 8-bit <1%, 4-bit 1-3%, mixed
-# <1.5%, full precision 0%. Each scenario's quality budget is the upper end of its recommended
-# approach's range, applied to perplexity (always measured) or, with a task, to its accuracy.
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        Scenario(
-            "cloud-gpu",
-            Target(max_ppl_increase_pct=1.0, prefer="fastest"),
-            DEFAULT_LADDER,
-            False,
-            "Cloud inference with GPU -> 8-bit: 'minimal accuracy loss with good speed and memory savings'. "
-            "Budget: 8-bit's '<1%' loss; prefer the fastest format that meets it.",
-        ),
-        Scenario(
-            "edge",
-            Target(max_ppl_increase_pct=3.0, prefer="smallest"),
-            DEFAULT_LADDER,
-            False,
-            "Edge devices or mobile -> 4-bit: 'maximize compression and reduce memory footprint'. "
-            "Budget: 4-bit's '1-3%' loss (upper end); prefer the smallest format that meets it.",
-        ),
-        Scenario(
-            "large-model-limited-hw",
-            Target(max_ppl_increase_pct=1.5, prefer="smallest"),
-            DEFAULT_LADDER,
-            True,
-            "Large models on limited hardware -> mixed precision: 'balance accuracy and resource "
-            "constraints'. Budget: mixed precision's '<1.5%' loss within the given --memory; smallest first.",
-        ),
-        Scenario(
-            "research",
-            Target(max_ppl_increase_pct=1.0, prefer="smallest"),
-            Ladder((Step("8-bit", ("int8",)),)),
-            False,
-            "Research and fine-tuning -> full precision or 8-bit: 'preserve accuracy for training "
-            "stability'. Only int8 is tried, against 8-bit's '<1%'; otherwise full precision.",
-        ),
-    )
-}
-
-
-def scenario_target(
-    name: str, *, memory_bytes: int | None = None, task: str | None = None, **overrides: Any
-) -> tuple[Target, Ladder]:
-    """A scenario's Target and Ladder, with overrides: `memory_bytes`, `task` (the budget then applies
-    to that task's accuracy), `prefer`, or a quality limit (which replaces the scenario's)."""
-    if name not in SCENARIOS:
-        raise QuantscopeError(f"unknown scenario {name!r}: use one of {', '.join(SCENARIOS)}")
-    scenario = SCENARIOS[name]
-    target = scenario.target
-    budget = target.max_ppl_increase_pct
-    quality = {k: overrides.pop(k) for k in list(overrides) if k in target.quality_limits()}
-    if overrides.keys() - {"prefer"}:
-        raise QuantscopeError(f"cannot override {sorted(overrides.keys() - {'prefer'})} of a scenario")
-    if quality or task:
-        limits = {k: None for k in target.quality_limits()}
-        limits.update(quality or {"max_acc_drop_pct": budget})
-        target = replace(target, **limits, task=task)
-    if memory_bytes is not None:
-        target = replace(target, memory_bytes=memory_bytes)
-    if scenario.needs_memory and target.memory_bytes is None:
-        raise QuantscopeError(f"scenario {name!r} needs --memory (the hardware limit it is about)")
-    return replace(target, **overrides), scenario.ladder
