@@ -14,6 +14,7 @@ from quantscope.methods import calibrate
 from quantscope.methods.calibrate import CalibConfig, quantize_calibrated
 from quantscope.modules.qmodules import QuantEmbedding, QuantLinear
 from quantscope.api import quantize
+from quantscope.methods.config import GPTQConfig
 from quantscope.formats.registry import storage_bytes
 
 
@@ -99,7 +100,7 @@ def test_bf16_forward(arch):
     calib = _calib()
     ids = torch.stack(calib)
     spec = parse_format("gptq-int3-g32-bf16fwd")
-    assert spec.calib_dtype == "bfloat16" and spec.rtn().name == "int3-g32"
+    assert GPTQConfig.from_spec(spec).calib_dtype == "bfloat16" and spec.rtn().name == "int3-g32"
     rtn = quantize(copy.deepcopy(base), spec.rtn())
     full, _ = quantize_calibrated(copy.deepcopy(base), parse_format("gptq-int3-g32"), calib)
     model, report = quantize_calibrated(copy.deepcopy(base), spec, calib)

@@ -11,6 +11,7 @@ from quantscope.formats.codebook import FP4_CODEBOOK, NF4_CODEBOOK
 from quantscope.formats.packing import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 from quantscope.formats.spec import UnknownFormatError
 from quantscope.formats.registry import storage_bytes
+from quantscope.methods.config import GPTQConfig
 
 
 def sqnr_db(w, d):
@@ -167,7 +168,8 @@ def test_parse_names_and_suggestions():
     assert parse_format("INT4-G128").name == "int4-g128"
     assert parse_format("int8-sym").name == "int8"
     s = parse_format("gptq-int4-g128-act-damp0.05-b64")
-    assert (s.method, s.act_order, s.damp, s.block_size) == ("gptq", True, 0.05, 64)
+    cfg = GPTQConfig.from_spec(s)
+    assert (s.method, cfg.act_order, cfg.damp, cfg.block_size) == ("gptq", True, 0.05, 64)
     assert parse_format(s.name) == s
     assert s.rtn().name == "int4-g128"
     with pytest.raises(UnknownFormatError, match="did you mean 'int4-g128'"):

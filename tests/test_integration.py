@@ -1,5 +1,8 @@
 """Integration: the embedded SmolLM2-135M model end to end (builds the cache on first use, ~40 s)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +96,28 @@ def test_save_embedded_int4_g64_checkpoint(embedded, tmp_path):
     meta = json.loads((tmp_path / "g64" / "quantscope.json").read_text())
     assert meta["format"] == "int4-g64" and "dequantized" in meta["notes"][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g64"]
+
+
+def test_shipped_study_example_runs_end_to_end(embedded, tmp_path):
+    """examples/study.toml (the README's sweep example) parses as shipped, and the same study with
+    fewer formats and tokens runs through `quantscope sweep` on the built-in text, then resumes."""
+    import tomllib
+
+    from quantscope.cli import main
+    from quantscope.results.runs import load_run
+    from quantscope.sweep import load_study
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "study.toml"
+    shipped = load_study(example)
+    assert shipped.models == ("default",) and shipped.texts == ("python-docs",)
+    data = tomllib.loads(example.read_text())
+    data.update(formats=["fp32", "int8"], ctx=64, windows=2)
+    small = tmp_path / "study.toml"
+    small.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in data.items()) + "\n")
+    out = tmp_path / "run"
+    assert main(["sweep", str(small), "--out", str(out), "--quiet"]) == 0
+    records = load_run(out).records
+    assert [r["format"] for r in records] == ["fp32", "int8"] and not any(r.get("error") for r in records)
+    assert records[1]["kld_mean"] > 0 and records[1]["text"] == records[0]["text"]
+    assert main(["sweep", str(small), "--out", str(out), "--quiet"]) == 0  # resumes: nothing measured again
+    assert len(load_run(out).records) == 2

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+# The two-sided 95% normal quantile, for intervals of the form mean +- Z95 x standard error.
+Z95 = 1.959963984540054
+
 # Resample this many bootstrap replicates at a time, so memory stays bounded for long arrays.
 _BOOT_CHUNK = 256
 

@@ -43,11 +43,11 @@ class FormatSpec:
     group_size: int | None = None  # None: one group per output row
     symmetric: bool = False
     double_quant: bool = False
-    method: str = "rtn"  # rtn | gptq | awq | awq+gptq
-    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
-    damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
-    block_size: int = 128  # GPTQ: columns solved together before the lazy batch update
-    calib_dtype: str = "float32"  # GPTQ: dtype of the calibration forward passes (float32 | bfloat16)
+    method: str = "rtn"  # rtn | gptq | awq | awq+gptq: the algorithm that chooses the codes
+    # settings of that method spelled in the name (gptq-...-act-damp0.05-b64-bf16fwd), as (key, value)
+    # pairs that differ from the method's defaults; their meaning and defaults belong to the method's
+    # config dataclass (quantscope.methods.config.GPTQConfig), not to the storage format
+    options: tuple[tuple[str, object], ...] = ()
     experimental: bool = False
 
     def __post_init__(self) -> None:
@@ -71,9 +71,13 @@ class FormatSpec:
         base = _int_name(self.bits, self.group_size, self.symmetric)
         return parse_format(base)
 
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["version"] = 1
+        d["options"] = dict(self.options)
+        d["version"] = 2
         return d
 
 
@@ -147,9 +151,11 @@ def parse_format(name: str) -> FormatSpec:
                 canon += "-bf16fwd"
         if not 0.0 < damp < 1.0:
             raise UnknownFormatError(f"dampening must be in (0, 1) in '{raw}'")
+        options = tuple((k, v) for k, v, default in (("act_order", act, False), ("damp", damp, 0.01),
+                                                     ("block_size", block, 128), ("calib_dtype", fwd, "float32"))
+                        if v != default)
         return FormatSpec(name=canon, family="int", bits=bits, group_size=group, symmetric=sym,
-                          method=method, act_order=act, damp=damp, block_size=block, calib_dtype=fwd,
-                          experimental=bits <= 2)
+                          method=method, options=options, experimental=bits <= 2)
     raise UnknownFormatError(f"unknown format '{raw}'" + _suggest(name))
 
 

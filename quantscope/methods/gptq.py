@@ -14,12 +14,12 @@ Choices, all documented where they are made:
   few thousand rows, relative error ~1e-6; only the upper block triangle, mirrored, so H is exactly
   symmetric whatever the BLAS: see :func:`_gram`) and summed into a float64 accumulator, so the
   sum over ~65k calibration tokens loses nothing; the Cholesky factorisations run in float64,
-  the column loop in float32 (as the reference does). Within a block of ``spec.block_size``
+  the column loop in float32 (as the reference does). Within a block of ``block_size``
   columns, the error feedback of the block's earlier columns is applied to each column just
   before it is rounded (one matrix-vector product) instead of to all remaining columns after each
   one (the reference's rank-1 update): the same arithmetic, one op per column, and a 2-8x faster
   loop on this CPU.
-- Dampening: ``spec.damp x mean(diag H)`` added to the diagonal. If the Cholesky factorisation
+- Dampening: ``damp x mean(diag H)`` added to the diagonal. If the Cholesky factorisation
   fails (H not positive definite after dampening: NaN/Inf activations, extreme conditioning), the
   dampening is multiplied by 10 up to three more times; if it still fails the layer falls back to
   round-to-nearest and the result carries a warning for the caller to report. Nothing is silent.
@@ -48,6 +48,7 @@ import torch
 from ..formats import integer
 from ..formats.qtensor import QuantizedTensor
 from ..formats.spec import FormatSpec
+from .config import GPTQConfig
 
 _DAMP_RETRIES = 3  # after the first attempt: damp x10, x100, x1000, then RTN
 
@@ -143,11 +144,13 @@ def _result(codes, scales, zeros, spec, shape, **info) -> GPTQResult:
     return GPTQResult(qt, qt.dequantize(), **info)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec) -> GPTQResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, config: GPTQConfig | None = None) -> GPTQResult:
     """Quantize ``W [out, in]`` into the integer format of `spec`, minimising ``||X W^T - X Q^T||``
     for inputs whose Hessian is ``H [in, in]`` (from :class:`GPTQ`). Uses ``spec.bits``,
-    ``spec.group_size``, ``spec.symmetric``, ``spec.act_order``, ``spec.damp``, ``spec.block_size``.
+    ``spec.group_size``, ``spec.symmetric``; the method's settings from `config` (default: those the
+    format's name spells, :meth:`GPTQConfig.from_spec`).
     """
+    cfg = config or GPTQConfig.from_spec(spec)
     if spec.family != "int":
         raise ValueError(f"GPTQ needs an integer format, got '{spec.name}'")
     out_f, in_f = W.shape
@@ -163,30 +166,30 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec) -> GPTQRes
     n_dead = int(dead.sum())
     H[dead, dead] = 1.0
 
-    if spec.act_order:  # solve columns by decreasing diag H (stable sort: deterministic ties)
+    if cfg.act_order:  # solve columns by decreasing diag H (stable sort: deterministic ties)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         H = H[perm][:, perm]
     else:
         perm = torch.arange(in_f)
 
-    Hinv, damp = _inverse_cholesky(H, spec.damp)
+    Hinv, damp = _inverse_cholesky(H, cfg.damp)
     if Hinv is None:
         codes, scales, zeros = _rtn(W, spec)
-        msg = (f"Hessian not positive definite even with dampening {spec.damp * 10 ** _DAMP_RETRIES:g}"
+        msg = (f"Hessian not positive definite even with dampening {cfg.damp * 10 ** _DAMP_RETRIES:g}"
                " x mean diag: rounded to nearest instead")
         return _result(codes, scales, zeros, spec, (out_f, in_f), damp=0.0, fallback=msg,
                        dead_columns=n_dead)
     Hinv = Hinv.float()
 
     ng = integer.n_groups(in_f, G)
-    static = spec.act_order or G is None
+    static = cfg.act_order or G is None
     if static:  # parameters fixed before the solve, per group of consecutive original columns
         scales, zeros = integer.minmax_params(W, spec.bits, spec.symmetric, G)
     else:
         scales = torch.empty(out_f, ng, dtype=torch.float16)
         zeros = torch.empty(out_f, ng, dtype=torch.float16)
 
-    if spec.act_order:
+    if cfg.act_order:
         W = W[:, perm]
     group_of = perm // G if G is not None else torch.zeros(in_f, dtype=torch.long)
     group_of = group_of.tolist()
@@ -197,7 +200,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec) -> GPTQRes
     st, zt = scales.t().float().contiguous(), zeros.t().float().contiguous()  # [n_groups, out]
     codes = torch.empty(in_f, out_f, dtype=torch.float32)
     Qt = torch.empty(in_f, out_f, dtype=torch.float32)
-    B = spec.block_size
+    B = cfg.block_size
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1 = Wt[i1:i2].clone()
@@ -227,7 +230,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec) -> GPTQRes
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
     codes, Q = codes.t(), Qt.t()
-    if spec.act_order:
+    if cfg.act_order:
         inv = torch.argsort(perm)
         codes, Q = codes[:, inv], Q[:, inv]
     codes, Q = codes.contiguous(), Q.contiguous()
