@@ -223,3 +223,19 @@ def test_task_table_shows_lambada_last_word_perplexity():
     assert any(ln.strip().startswith("fp32") and ln.endswith("last-word ppl 60.00±9.00") for ln in lines)
     assert any(ln.strip().startswith("nf4") and "Δ -10.0 pts [-20.0,+0.0]  McNemar" in ln
                and ln.endswith("last-word ppl 70.50±9.00 Δ +10.50 [+2.25,+19.00] *") for ln in lines)
+
+
+def test_json_means_one_thing_on_every_command(tmp_path, capsys):
+    """`--json -` prints the JSON alone on stdout; `--json PATH` writes the file and keeps the tables."""
+    import json
+
+    assert main(["formats", "--json", "-"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"int4-g128", "bnb-nf4"} <= {r["name"] for r in rows}
+    assert main(["runs", "--root", str(tmp_path / "none"), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    path = tmp_path / "formats.json"
+    assert main(["formats", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "int4-g128" in out and f"wrote {path}" in out
+    assert json.loads(path.read_text()) == rows

@@ -47,7 +47,7 @@ def test_plan_command_table_and_json(capsys):
     assert "16.06 GB" in lines["bf16"]  # the published checkpoint size
     assert lines["bf16"].rstrip().endswith("yes") and lines["int4-g128"].rstrip().endswith("yes")
     assert "ESTIMATE" in out
-    assert main(["plan", cfg, "--formats", "bf16", "--device", "10GB", "--json"]) == 0
+    assert main(["plan", cfg, "--formats", "bf16", "--device", "10GB", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     row = data["rows"][0]
     assert row["weight_bytes"] == planner.weight_bytes_for_model_config(json.loads(Path(cfg).read_text()), "bf16")

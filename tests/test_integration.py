@@ -83,7 +83,7 @@ def test_save_embedded_int4_g64_checkpoint(embedded, tmp_path):
     import sys
 
     pytest.importorskip("compressed_tensors")
-    cmd = [sys.executable, "-m", "quantscope.cli", "save", "--threads", "1", "--json"]
+    cmd = [sys.executable, "-m", "quantscope.cli", "save", "--threads", "1", "--json", "-"]
     bad = subprocess.run(cmd + ["int4-g128", "--out", str(tmp_path / "g128")], capture_output=True, text=True)
     assert bad.returncode == 2 and "whole groups" in bad.stderr and "Traceback" not in bad.stderr
     assert not any(tmp_path.iterdir())
