@@ -60,6 +60,7 @@ from . import awq
 from .calib_capture import capture_inputs, cast_floats, find_stages, run_block
 from .calib_parts import parts_match as _parts_match  # called through this module: tests can force the generic path
 from .calib_steps import awq_block, awq_scale, gptq_block, gptq_parts
+from .config import GPTQConfig
 
 _LAYERS_RE = re.compile(r"(^|\.)layers$")
 
@@ -152,13 +153,14 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
             report["notes"].append(f"{len(outside)} selected module(s) outside the decoder blocks "
                                    f"rounded to nearest ({spec.rtn().name}), not calibrated")
         xs, rests = capture_inputs(model, layers[0], _batches(seqs, cfg.batch_size))
-        fwd_dtype = getattr(torch, spec.calib_dtype)
+        calib_dtype = GPTQConfig.from_spec(spec).calib_dtype  # "-bf16fwd" in the name; AWQ: float32
+        fwd_dtype = getattr(torch, calib_dtype)
         if fwd_dtype != torch.float32:
             memo: dict = {}
             xs = [x.to(fwd_dtype) for x in xs]
             rests = [cast_floats(r, fwd_dtype, memo) for r in rests]
-            report["calib_dtype"] = spec.calib_dtype
-            report["notes"].append(f"calibration forward passes in {spec.calib_dtype} (weights solved from "
+            report["calib_dtype"] = calib_dtype
+            report["notes"].append(f"calibration forward passes in {calib_dtype} (weights solved from "
                                    "their float32 values, Hessians accumulated in float32/float64)")
         stage_cache: dict = {}
         for i, block in enumerate(layers):
