@@ -137,6 +137,30 @@ def test_existing_folder_and_failed_check_leave_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no checkpoint, no partial folder
 
 
+def test_save_draws_no_bar_and_leaves_stderr_alone(tmp_path, capfd):
+    """compressed-tensors' progress bars stay off the terminal without redirecting stderr: what anything
+    else writes there during the save still shows, and the library is as it was afterwards."""
+    from compressed_tensors.compressors.model_compressors import model_compressor
+
+    bar = model_compressor.tqdm
+    model = tiny_llama()
+    quantize(model, "int4-g32")
+    real_save, seen = model.save_pretrained, []
+
+    def save_pretrained(*args, **kwargs):  # runs inside the save's quiet section
+        seen.append(sys.stderr)
+        print("written during the save", file=sys.stderr)
+        return real_save(*args, **kwargs)
+
+    model.save_pretrained = save_pretrained
+    capfd.readouterr()
+    save_compressed_tensors(model, None, tmp_path / "out", torch.arange(20), {})
+    err = capfd.readouterr().err
+    assert seen == [sys.stderr] and "written during the save" in err
+    assert "Compressing model" not in err and "Applying quantization config" not in err
+    assert model_compressor.tqdm is bar
+
+
 def test_save_refuses_before_loading(tmp_path):
     with pytest.raises(QuantscopeError, match="already exists"):
         save(SaveConfig(format="int4-g64", out=str(tmp_path), model=str(tmp_path / "no-such-model")))

@@ -86,3 +86,30 @@ def test_local_dir_loads_without_remote_code(tiny_model_dir):
     lm = L.load_model(str(d))
     assert lm.info.kind == "local" and lm.info.n_params > 0
     assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+@pytest.mark.parametrize("transformers_bars,hub_bars", [(True, True), (False, False), (True, False), (False, True)])
+def test_quiet_gives_back_the_callers_progress_bars_and_verbosity(monkeypatch, transformers_bars, hub_bars):
+    """Loading turns progress bars off for its own calls only: a caller who had them off keeps them off."""
+    import importlib
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    before = (hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity())
+    try:
+        (hf_logging.enable_progress_bar if transformers_bars else hf_logging.disable_progress_bar)()
+        (enable_progress_bars if hub_bars else disable_progress_bars)()
+        hf_logging.set_verbosity_info()
+        with pytest.raises(RuntimeError), L._quiet():  # restored on the way out of a failure too
+            assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+            assert hf_logging.get_verbosity() == hf_logging.ERROR
+            raise RuntimeError
+        assert hf_logging.is_progress_bar_enabled() == transformers_bars
+        assert are_progress_bars_disabled() == (not hub_bars)
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+    finally:
+        (hf_logging.enable_progress_bar if before[0] else hf_logging.disable_progress_bar)()
+        (disable_progress_bars if before[1] else enable_progress_bars)()
+        hf_logging.set_verbosity(before[2])

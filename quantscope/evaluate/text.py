@@ -7,13 +7,13 @@ Python): the topic texts joined in sorted key order with blank lines between the
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import QuantscopeError
+from .jsonl import parse_jsonl
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,7 @@ def load_text(ref: str) -> TextSource:
         raise QuantscopeError(f"{ref}: not a UTF-8 text file") from None
     if p.suffix == ".jsonl":
         parts = []
-        for i, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QuantscopeError(f"{ref}:{i}: not valid JSON ({e.msg})") from None
+        for i, obj in parse_jsonl(content.splitlines(), ref):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise QuantscopeError(f"{ref}:{i}: expected an object with a string field 'text'")
             parts.append(obj["text"])

@@ -34,7 +34,7 @@ and renamed into place only after the check, so a failed or killed save leaves n
 from __future__ import annotations
 
 import contextlib
-import io
+import functools
 import json
 import os
 import secrets
@@ -69,9 +69,24 @@ class SaveReport:
         return dict(self.__dict__)
 
 
-def _no_progress():
-    """compressed-tensors draws tqdm bars on stderr for every conversion step: keep them off the terminal."""
-    return contextlib.redirect_stderr(io.StringIO())
+@contextlib.contextmanager
+def _compress_bar_off():
+    """Keep compressed-tensors' "Compressing model" tqdm bar off the terminal, touching nothing else.
+
+    `ModelCompressor.compress_model` has no switch for its bar (`apply_quantization_config` has
+    `show_progress`), so for the call only the library module's own `tqdm` name is bound to a
+    disabled tqdm, and restored after. stderr itself is left alone: warnings and errors still show."""
+    from compressed_tensors.compressors.model_compressors import model_compressor
+
+    bar = getattr(model_compressor, "tqdm", None)
+    if bar is None:  # a compressed-tensors laid out differently: its bar is drawn, nothing breaks
+        yield
+        return
+    model_compressor.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        model_compressor.tqdm = bar
 
 
 def import_ct():
@@ -147,8 +162,7 @@ def _to_compressed_tensors(model: nn.Module) -> tuple[object, dict]:
     config_groups = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(**args_of[k]))
                      for i, (k, names) in enumerate(groups.items())}
     qconfig = QuantizationConfig(config_groups=config_groups, quantization_status="frozen")
-    with _no_progress():
-        apply_config(model, qconfig)
+    apply_config(model, qconfig, show_progress=False)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, (spec, st) in storage.items():
@@ -237,7 +251,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
         compressor = ModelCompressor.from_pretrained_model(model, PACKED_FORMAT)
         from .load import _quiet
 
-        with _quiet(), _no_progress():
+        with _quiet(), _compress_bar_off():
             compressor.compress_model(model)
             model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
