@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from _common import shared, write
 
-from quantscope.report_tables import comparison_table
+from quantscope.report.terminal import comparison_table
 from quantscope.harness import CompareConfig, compare
 from quantscope.evaluate.stats import paired_bootstrap_ci, significant
 from quantscope.quantization import resolve

@@ -15,7 +15,7 @@ import sys
 
 from _common import shared, write
 
-from quantscope.report_tables import comparison_table
+from quantscope.report.terminal import comparison_table
 from quantscope.harness import CompareConfig, compare
 
 FORMATS = "fp32,bf16,fp8-e4m3,int8,int4-g128,int3-g128,nf4"

@@ -20,7 +20,7 @@ import sys
 
 from _common import shared, write
 
-from quantscope.report_tables import comparison_table
+from quantscope.report.terminal import comparison_table
 from quantscope.harness import CompareConfig, compare
 
 # gguf-py's Q8_0/Q4_0/Q4_1 rows (gguf-q8_0, ...) are left out: llama.cpp runs the same block types with

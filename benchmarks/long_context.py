@@ -20,7 +20,7 @@ import sys
 
 from _common import shared, write
 
-from quantscope.report_tables import ctx_sweep_table
+from quantscope.report.terminal import ctx_sweep_table
 from quantscope.harness import CompareConfig, compare
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from _common import shared, write
 
-from quantscope.report_tables import comparison_table, sensitivity_table
+from quantscope.report.terminal import comparison_table, sensitivity_table
 from quantscope.cli import main as cli_main
 from quantscope.harness import CompareConfig, compare, prepare
 from quantscope.evaluate import stats

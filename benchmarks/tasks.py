@@ -17,7 +17,7 @@ import sys
 
 from _common import shared, write
 
-from quantscope.report_tables import task_table
+from quantscope.report.terminal import task_table
 from quantscope.harness import CompareConfig, compare, paired_tasks
 
 TASKS = (  # (name, path under ../shared/data, first N questions or None for all)

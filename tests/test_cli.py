@@ -181,7 +181,7 @@ def test_calibration_disjoint_or_warned(tiny_model_dir, tmp_path):
 
 
 def test_skipped_format_reason_is_a_line_of_its_own():
-    from quantscope.report_tables import comparison_table
+    from quantscope.report.terminal import comparison_table
 
     ok = {"format": "fp32", "baseline": True, "bits_per_weight": 32.0, "weight_bytes": 1 << 20,
           "perplexity": 10.0, "perplexity_stderr": 0.1, "kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0,
@@ -195,7 +195,7 @@ def test_skipped_format_reason_is_a_line_of_its_own():
 
 
 def test_task_table_shows_each_task_and_where_each_format_loses():
-    from quantscope.report_tables import task_table
+    from quantscope.report.terminal import task_table
 
     t = {"n": 100, "acc": 0.5, "acc_ci": [0.4, 0.6], "acc_norm": 0.5, "category": "reasoning"}
     base = {"format": "fp32", "baseline": True, "tasks": {"arc-easy": t}}
@@ -212,7 +212,7 @@ def test_task_table_shows_each_task_and_where_each_format_loses():
 
 
 def test_task_table_shows_lambada_last_word_perplexity():
-    from quantscope.report_tables import task_table
+    from quantscope.report.terminal import task_table
 
     t = {"n": 50, "acc": 0.3, "acc_ci": [0.2, 0.4], "category": "language-modelling", "perplexity": 60.0,
          "perplexity_stderr": 9.0}

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from quantscope.report_tables import ctx_sweep_table
+from quantscope.report.terminal import ctx_sweep_table
 from quantscope.harness import CompareConfig, compare
 from quantscope.evaluate.perplexity import score_windows
 from quantscope.formats import parse_format

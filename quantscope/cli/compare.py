@@ -62,7 +62,7 @@ def config_from(args):
 def run(args) -> int:
     from ..api import compare, default_run_dir
     from ..fileio import write_json_atomic
-    from ..report_tables import comparison_table, ctx_sweep_table, task_table
+    from ..report.terminal import comparison_table, ctx_sweep_table, task_table
 
     cfg = config_from(args)
     done: list[dict] = []

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..api import list_formats
-    from ..report_tables import formats_table
+    from ..report.terminal import formats_table
 
     rows = list_formats()
     o.out(args, formats_table(rows))

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..api import PlanConfig, plan_memory
-    from ..report_tables import plan_table
+    from ..report.terminal import plan_table
 
     p = plan_memory(PlanConfig(model=args.model, formats=tuple(args.formats), ctx=args.ctx, batch=args.batch,
                                kv_dtype=args.kv_dtype, embed_format=args.embed_format, devices=tuple(args.device),

@@ -46,7 +46,7 @@ def config_from(args):
 
 def run(args) -> int:
     from ..api import recommend_format, recommend_target
-    from ..report_tables import trail_lines
+    from ..report.terminal import trail_lines
 
     cfg = config_from(args)
     target, _ = recommend_target(cfg)

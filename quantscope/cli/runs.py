@@ -40,7 +40,7 @@ def runs(args) -> int:
 
 def show(args) -> int:
     from ..api import load_paired_run
-    from ..report_tables import comparison_table, task_table
+    from ..report.terminal import comparison_table, task_table
 
     run, records = load_paired_run(args.run, args.root)
     o.out(args, f"run: {run.path}  model: {run.meta.get('model', '?')}  text: {run.meta.get('text', '?')}")

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..api import SaveConfig, save
-    from ..report_tables import fmt_bytes
+    from ..report.fmt import fmt_bytes
 
     cfg = SaveConfig(format=args.format, out=args.out, model=args.model, calib=args.calib,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, include=tuple(args.include),

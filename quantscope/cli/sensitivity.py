@@ -37,7 +37,7 @@ def _progress(label: str, quiet: bool):
 
 def run(args) -> int:
     from ..api import SensitivityConfig, sensitivity, store_sensitivity
-    from ..report_tables import sensitivity_table
+    from ..report.terminal import sensitivity_table
 
     cfg = SensitivityConfig(model=args.model, format=args.format, unit=args.unit, text=args.text,
                             windows=args.windows, ctx=args.ctx, include=tuple(args.include),

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..api import run_sweep
-    from ..report_tables import comparison_table
+    from ..report.terminal import comparison_table
 
     def progress(i, total, model, fmt, text, skipped):
         o.note(args, f"[{i}/{total}] {model} {fmt} {text}: {'already done' if skipped else 'measured'}")

@@ -55,6 +55,7 @@ from ..formats.qtensor import QuantizedTensor
 from ..formats.spec import FormatSpec
 # Choosing the modules to quantize, and installing the quantized modules (RTN outside the blocks,
 # the precomputed QuantizedTensors inside them): the driver's only use of the module swap.
+from ..modules.names import is_block_list
 from ..modules.swap import apply_plan, select_modules
 from . import awq
 from .calib_capture import capture_inputs, cast_floats, find_stages, run_block
@@ -62,7 +63,6 @@ from .calib_parts import parts_match as _parts_match  # called through this modu
 from .calib_steps import awq_block, awq_scale, gptq_block, gptq_parts
 from .config import GPTQConfig
 
-_LAYERS_RE = re.compile(r"(^|\.)layers$")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def _batches(seqs: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and _LAYERS_RE.search(name) and len(m) > 0:
+        if isinstance(m, nn.ModuleList) and is_block_list(name) and len(m) > 0:
             return name, m
     raise QuantscopeError("calibrated formats need a decoder model with a `layers` list of blocks "
                           f"(Llama/Qwen/Mistral style); {type(model).__name__} has none")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from ..errors import QuantscopeError

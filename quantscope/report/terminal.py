@@ -1,11 +1,14 @@
 """Terminal tables: what `compare`, `show`, `sweep`, `sensitivity`, `recommend` and `plan` print.
 
 Pure functions from records (or plan rows) to text; the CLI prints them, benchmarks import them.
+The HTML and Markdown reports' tables are :mod:`.tables`.
 """
 
 from __future__ import annotations
 
 import math
+
+from .fmt import fmt_bytes
 
 
 def _fmt(x, spec=".3f", none="-"):
@@ -169,16 +172,6 @@ def plan_table(rows, devices, custom) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     return "\n".join(lines + ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in body])
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 def formats_table(rows: list[dict]) -> str:
     """`quantscope formats`: one line per format, then how to read the names."""
