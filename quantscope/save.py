@@ -85,7 +85,7 @@ def save(config: SaveConfig):
 def _save(config: SaveConfig, fmt: Format, out):
     from . import __version__
     from .evaluate.text import load_text, tokenize
-    from .harness.prepare import calibration_head
+    from .harness.preparation import calibration_head
     from .model.export import save_compressed_tensors
     from .model.load import load_model
     from .quantization import QuantizeOptions, quantize

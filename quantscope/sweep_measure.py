@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .errors import QuantscopeError
 from .harness.config import CompareConfig
-from .harness.prepare import prepare
+from .harness.preparation import prepare
 from .harness.worker import run_job
 from .quantization import resolve
 

@@ -138,3 +138,31 @@ def test_recommend_in_worker_processes_with_a_scenario(tiny_model_dir, tmp_path,
     assert "recommended: int8" in capsys.readouterr().out
     records = {r["format"]: r for r in load_run(tmp_path / "run").records}
     assert set(records) == {"fp32", "int8"} and records["int8"]["peak_rss_bytes"] > 0
+
+
+def test_recommend_loads_the_model_and_text_once_for_the_whole_ladder(tiny_model_dir, tmp_path, monkeypatch):
+    """Every ladder step is its own comparison, but the tokenizer, the safetensors headers and the
+    text's tokens are read once for all of them."""
+    import quantscope.evaluate.text as text_mod
+    import quantscope.harness.preparation as prep
+
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path / "cache"))
+    calls = {"headers": 0, "tokenize": 0}
+    real_check, real_tok = prep.check_safetensors, text_mod.tokenize
+
+    def check(folder):
+        calls["headers"] += 1
+        return real_check(folder)
+
+    def tokenize(tok, text):
+        calls["tokenize"] += 1
+        return real_tok(tok, text)
+
+    monkeypatch.setattr(prep, "check_safetensors", check)
+    monkeypatch.setattr(text_mod, "tokenize", tokenize)
+    model_dir, text = tiny_model_dir
+    assert _recommend(model_dir, text, tmp_path / "run", "--max-kld", "1e-5", "--mixed-bpw", "", "--no-isolate",
+                      "--quiet", "--json", str(tmp_path / "d.json")) == 0
+    trail = json.loads((tmp_path / "d.json").read_text())["trail"]
+    assert sum(t["verdict"] != "skipped" for t in trail) >= 3  # int8, nf4, int4-g128 measured
+    assert calls == {"headers": 1, "tokenize": 1}

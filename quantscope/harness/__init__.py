@@ -1,7 +1,7 @@
 """The comparison harness: every format measured the same way, each in its own worker process.
 
     config.py     CompareConfig (what to compare) and Job (what one worker measures)
-    prepare.py    validation before any work, the calibration head, one job per format
+    preparation.py  validation before any work, the calibration head, one job per format
     worker.py     one format measured in a worker process; the baseline-reference exchange
     pairing.py    paired statistics against the baseline (Δppl, tasks, categories)
     run.py        the run: store keys, run directory, resume
@@ -10,7 +10,7 @@
 
 from .config import DEFAULT_FORMATS, MIN_WINDOWS_FOR_CI, CompareConfig, Job
 from .pairing import add_paired_statistics, paired_tasks
-from .prepare import Inputs, calibration_head, load_inputs, prepare
+from .preparation import Inputs, calibration_head, load_inputs, prepare
 from .run import compare, default_run_dir, eval_spec, job_key
 from .worker import ReferenceStore, measure_format, run_job
 

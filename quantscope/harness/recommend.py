@@ -16,7 +16,7 @@ from ..dtypes import short_name
 from ..errors import QuantscopeError
 from ..recommend import DEFAULT_LADDER, Decision, Ladder, Target, recipe_ladder, recommend, scenario_target
 from .config import CompareConfig
-from .prepare import load_inputs
+from .preparation import load_inputs
 from .run import compare, default_run_dir
 
 

@@ -20,7 +20,7 @@ from ..errors import QuantscopeError
 from ..results.keys import record_key
 from .config import CompareConfig, Job
 from .pairing import add_paired_statistics
-from .prepare import Inputs, prepare
+from .preparation import Inputs, prepare
 from .worker import ReferenceStore, run_job
 
 # settings that change how a run is carried out, not its figures: not part of the run directory's name
