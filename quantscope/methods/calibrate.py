@@ -53,16 +53,15 @@ from torch import nn
 from ..errors import QuantscopeError
 from ..formats.qtensor import QuantizedTensor
 from ..formats.spec import FormatSpec
+from ..modules.names import is_block_list
 # Choosing the modules to quantize, and installing the quantized modules (RTN outside the blocks,
 # the precomputed QuantizedTensors inside them): the driver's only use of the module swap.
-from ..modules.names import is_block_list
 from ..modules.swap import apply_plan, select_modules
 from . import awq
 from .calib_capture import capture_inputs, cast_floats, find_stages, run_block
 from .calib_parts import parts_match as _parts_match  # called through this module: tests can force the generic path
 from .calib_steps import awq_block, awq_scale, gptq_block, gptq_parts
 from .config import GPTQConfig
-
 
 
 @dataclass(frozen=True)
