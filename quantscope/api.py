@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .harness.config import CompareConfig
+from .harness.config import DEFAULT_FORMATS, CompareConfig
 from .harness.pairing import add_paired_statistics, paired_tasks
 from .harness.recommend import RecommendConfig, recommend_format
 from .harness.recommend import target_and_ladder as recommend_target
@@ -29,8 +29,9 @@ from .quantization import Format, QuantizeOptions, Quantized, resolve
 from .quantization import quantize as _quantize
 from .results.runs import list_runs, load_run, resolve_run
 from .save import SaveConfig, save
+from .units import parse_memory
 
-__all__ = ["CompareConfig", "compare", "default_run_dir", "add_paired_statistics", "paired_tasks", "load_model",
+__all__ = ["DEFAULT_FORMATS", "parse_memory", "CompareConfig", "compare", "default_run_dir", "add_paired_statistics", "paired_tasks", "load_model",
            "LoadedModel", "quantize", "quantize_with_report", "resolve", "Format", "QuantizeOptions", "Quantized",
            "CalibConfig", "list_formats", "SpeedConfig", "SensitivityConfig", "sensitivity", "store_sensitivity",
            "RecommendConfig", "recommend_format", "recommend_target", "SaveConfig", "save", "PlanConfig",

@@ -42,8 +42,7 @@ def add_parser(sub) -> None:
 
 
 def config_from(args):
-    from ..api import CompareConfig, SpeedConfig
-    from ..harness.config import DEFAULT_FORMATS
+    from ..api import DEFAULT_FORMATS, CompareConfig, SpeedConfig
 
     formats = tuple(args.formats) if args.formats is not None else DEFAULT_FORMATS
     formats += tuple(f"mixed-auto:{b}:{args.ladder}" for b in (*args.target_bpw, *args.target_bytes))

@@ -29,8 +29,7 @@ def add_parser(sub) -> None:
 
 
 def config_from(args):
-    from ..api import CompareConfig, RecommendConfig
-    from ..units import parse_memory
+    from ..api import CompareConfig, RecommendConfig, parse_memory
 
     cmp = CompareConfig(model=args.model, text=args.text, ctx=args.ctx, windows=args.windows,
                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,

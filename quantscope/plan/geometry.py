@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantscope.dtypes import short_name
 from quantscope.errors import QuantscopeError
 
 # Bytes per element of the dtypes a checkpoint's unquantized tensors, activations or KV cache use.
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "fp8-e4m3": 1, "fp8-e5m2": 1}
-_DTYPE_ALIASES = {
-    "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
-    "bfloat16": "bf16", "torch.bfloat16": "bf16",
-    "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
-}  # fmt: skip
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 def dtype_name(value: str, what: str) -> str:
-    name = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+    try:
+        name = short_name(value)
+    except QuantscopeError:  # fp8 names are the planner's own (KV cache in fp8)
+        name = str(value).lower()
     if name not in DTYPE_BYTES:
         raise QuantscopeError(f"unsupported {what} {value!r}: use one of {', '.join(DTYPE_BYTES)}")
     return name
