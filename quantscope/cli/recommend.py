@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     o.add_tasks(rc)
     rc.add_argument("--memory", default=None, help="the weights must fit this size, e.g. 4GB (10^9) or 4GiB")
     rc.add_argument("--prefer", choices=("smallest", "fastest"), default=None, help="among passing formats (default smallest)")
-    rc.add_argument("--scenario", default=None, help="cloud-gpu | edge | large-model-limited-hw | research: budgets from the seed table")
+    rc.add_argument("--scenario", default=None, help="cloud-gpu | edge | large-model-limited-hw | research: each a budget from the typical losses of its recommended approach (8-bit <1%%, 4-bit 1-3%%, mixed <1.5%%)")
     o.add_calibration(rc, help="your calibration text: adds the GPTQ/AWQ step and feeds mixed precision")
     rc.add_argument("--mixed-bpw", type=lambda s: tuple(float(x) for x in o.csv(s)), default=(3.5, 5.0, 6.0),
                     help="mixed-precision budgets tried (bits per weight; '' for none; default 3.5,5,6)")

@@ -17,7 +17,7 @@ class Scenario:
     target: Target
     ladder: Ladder
     needs_memory: bool  # the scenario is defined by a memory limit: --memory is required
-    rationale: str  # the seed table's row, and how the numbers follow from it
+    rationale: str  # the approach's typical loss, and how the budget follows from it
 
 
 # The table of typical losses gives a "typical accuracy loss" per approach: 8-bit <1%, 4-bit 1-3%, mixed
