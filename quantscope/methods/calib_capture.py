@@ -100,13 +100,18 @@ def feed(block: nn.Module, xs, rests, module: nn.Module, fn: Callable[[torch.Ten
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        for x, rest in zip(xs, rests):
-            try:
-                run_block(block, x, rest)
-            except Stop:
-                pass
+        run_all(block, xs, rests)
     finally:
         handle.remove()
+
+
+def run_all(block: nn.Module, xs, rests) -> None:
+    """Run the block on every batch; a hook raising Stop ends that batch's pass where it has seen enough."""
+    for x, rest in zip(xs, rests):
+        try:
+            run_block(block, x, rest)
+        except Stop:
+            pass
 
 
 def input_of(run: Callable[[], object], module: nn.Module) -> torch.Tensor:

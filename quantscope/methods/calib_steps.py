@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import awq
-from .calib_capture import Stop, feed, run_block
+from .calib_capture import Stop, feed, run_all
 from .calib_parts import DOWN, GATE_UP, O_PROJ, QKV, BlockParts
 from .gptq import GPTQ, gptq_quantize, split_rows
 
@@ -109,11 +109,7 @@ def awq_scale(block, stages, spec, xs, rests, prefix, layers_rec, cfg: awq.AWQCo
                 raise Stop
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        for x, rest in zip(xs, rests):
-            try:
-                run_block(block, x, rest)
-            except Stop:
-                pass
+        run_all(block, xs, rests)
     finally:
         for h in handles:
             h.remove()
