@@ -1,0 +1,54 @@
+"""Issue 20: bad input and faults are one line on stderr and exit 2, before any work, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import byte_tokenizer, tiny_llama
+from quantscope.cli import main
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+def fast(d, text, *extra):
+    return ["compare", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows", "2", "--no-speed",
+            "--no-isolate", "--quiet", *extra]
+
+
+def test_reused_run_directory_refuses_another_model_or_text(capsys, tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    run = tmp_path / "runs" / "base"
+    code, _, err = run_cli(capsys, *fast(d, text, "--formats", "int8", "--out", str(run)))
+    assert code == 0, err
+    other = tmp_path / "other-llama"
+    tiny_llama(seed=1, vocab=257).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    code, _, err = run_cli(capsys, *fast(other, text, "--formats", "int8", "--out", str(run)))
+    assert_one_line_error(code, err, "new --out")
+    assert "tiny-llama" in err and "other-llama" in err
+    text2 = tmp_path / "text2.txt"
+    text2.write_text(text.read_text()[::-1])
+    code, _, err = run_cli(capsys, *fast(d, text2, "--formats", "int8", "--out", str(run)))
+    assert_one_line_error(code, err, "new --out")
+    assert "text2.txt" in err
+    code, _, err = run_cli(capsys, *fast(d, text, "--ctx", "48", "--formats", "int8", "--out", str(run)))
+    assert_one_line_error(code, err, "ctx")
+    code, out, err = run_cli(capsys, "show", str(run))  # the header still names the first model and text
+    assert code == 0, err
+    assert "other-llama" not in out and "text2" not in out
+    # the same model and text adds formats to the directory as before
+    code, _, err = run_cli(capsys, *fast(d, text, "--formats", "int8,int4-g32", "--out", str(run)))
+    assert code == 0, err
