@@ -52,3 +52,24 @@ def test_reused_run_directory_refuses_another_model_or_text(capsys, tiny_model_d
     # the same model and text adds formats to the directory as before
     code, _, err = run_cli(capsys, *fast(d, text, "--formats", "int8,int4-g32", "--out", str(run)))
     assert code == 0, err
+
+
+def test_runs_lists_a_corrupt_run_with_its_error(capsys, tmp_path):
+    from quantscope.results.db import DB_NAME
+    from quantscope.results.store import RunStore
+
+    root = tmp_path / "runs"
+    with RunStore.open(root / "good", meta={"model": "tiny"}) as store:
+        store.put("k", {"format": "fp32", "model": "tiny"})
+    (root / "bad").mkdir()
+    (root / "bad" / DB_NAME).write_bytes(b"SQLite format 3\0" + bytes(range(256)) * 8)
+    code, out, err = run_cli(capsys, "runs", "--root", str(root))
+    assert code == 0 and "Traceback" not in err, err
+    lines = {l.split()[0]: l for l in out.splitlines()}
+    assert "error:" in lines["bad"] and "move it aside" in lines["bad"]
+    assert "error" not in lines["good"] and "tiny" in lines["good"]
+    code, out, err = run_cli(capsys, "runs", "--root", str(root), "--json", "-")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert "not a readable quantscope result store" in rows["bad"]["error"]
+    assert rows["good"]["records"] == 1 and not rows["good"].get("error")
