@@ -73,3 +73,64 @@ def test_runs_lists_a_corrupt_run_with_its_error(capsys, tmp_path):
     rows = {r["name"]: r for r in json.loads(out)}
     assert "not a readable quantscope result store" in rows["bad"]["error"]
     assert rows["good"]["records"] == 1 and not rows["good"].get("error")
+
+
+def _bad_outputs(tmp_path):
+    """(a path whose parent is a file, an existing directory): neither can be written, even by root."""
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    d = tmp_path / "a-dir"
+    d.mkdir()
+    return f / "out.json", d
+
+
+def test_compare_and_sensitivity_refuse_an_unwritable_json_before_work(capsys, tiny_model_dir, tmp_path):
+    d, text = tiny_model_dir
+    under_file, a_dir = _bad_outputs(tmp_path)
+    for dest, needle in ((under_file, "is not a directory"), (a_dir, "is a directory")):
+        run = tmp_path / "run"
+        code, _, err = run_cli(capsys, *fast(d, text, "--formats", "int8", "--json", str(dest), "--out", str(run)))
+        assert_one_line_error(code, err, needle)
+        assert "--json" in err and not run.exists()
+        code, _, err = run_cli(capsys, "sensitivity", "--model", str(d), "--text", str(text), "--ctx", "32",
+                               "--windows", "1", "--no-cache", "--quiet", "--json", str(dest))
+        assert_one_line_error(code, err, needle)
+    code, _, err = run_cli(capsys, *fast(d, text, "--formats", "int8", "--out", str(tmp_path / "file.txt")))
+    assert_one_line_error(code, err, "--out")
+
+
+def test_report_refuses_unwritable_md_or_html(capsys, tmp_path):
+    under_file, a_dir = _bad_outputs(tmp_path)
+    for option in ("--md", "--html"):
+        for dest, needle in ((under_file, "is not a directory"), (a_dir, "is a directory")):
+            code, _, err = run_cli(capsys, "report", "some-run", "--root", str(tmp_path), option, str(dest))
+            assert_one_line_error(code, err, needle)
+            assert option in err
+
+
+def test_save_refuses_unwritable_out_or_json_before_work(capsys, tiny_model_dir, tmp_path):
+    d, _ = tiny_model_dir
+    under_file, a_dir = _bad_outputs(tmp_path)
+    code, _, err = run_cli(capsys, "save", "int8", "--model", str(d), "--out", str(under_file.parent / "ckpt"),
+                           "--quiet")
+    assert_one_line_error(code, err, "is not a directory")
+    ckpt = tmp_path / "ckpt"
+    code, _, err = run_cli(capsys, "save", "int8", "--model", str(d), "--out", str(ckpt), "--json", str(a_dir),
+                           "--quiet")
+    assert_one_line_error(code, err, "is a directory")  # before quantizing and writing the checkpoint
+    assert not ckpt.exists()
+
+
+def test_a_write_that_fails_midway_is_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import quantscope.fileio as fileio
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "write_text_atomic", full)
+    out = tmp_path / "runs.json"
+    code, _, err = run_cli(capsys, "runs", "--root", str(tmp_path / "none"), "--json", str(out))
+    assert_one_line_error(code, err, f"cannot write {out}: No space left on device")
+
