@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import byte_tokenizer, tiny_llama
 from quantscope.cli import main
 
@@ -134,3 +136,31 @@ def test_a_write_that_fails_midway_is_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "runs", "--root", str(tmp_path / "none"), "--json", str(out))
     assert_one_line_error(code, err, f"cannot write {out}: No space left on device")
 
+
+def run_cli_exit(capsys, *argv):
+    """run_cli for mistakes argparse refuses (it exits with SystemExit(2))."""
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("formats", ["", ",,", " , "])
+def test_empty_format_selection_is_refused(capsys, tiny_model_dir, tmp_path, formats):
+    d, text = tiny_model_dir
+    run = tmp_path / "run"
+    code, out, err = run_cli_exit(capsys, *fast(d, text, "--formats", formats, "--out", str(run)))
+    assert_one_line_error(code, err, "--formats")
+    assert not run.exists() and not out
+    code, _, err = run_cli_exit(capsys, "plan", str(d), "--formats", formats)
+    assert_one_line_error(code, err, "--formats")
+
+
+def test_negative_top_is_refused(capsys, tiny_model_dir):
+    d, text = tiny_model_dir
+    code, _, err = run_cli_exit(capsys, "sensitivity", "--model", str(d), "--text", str(text), "--top", "-2")
+    assert_one_line_error(code, err, "--top")
+    assert "0 or more" in err

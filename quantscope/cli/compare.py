@@ -8,7 +8,7 @@ from . import options as o
 def add_parser(sub) -> None:
     c = sub.add_parser("compare", help="quantize into each format and measure them side by side")
     o.add_model(c)
-    c.add_argument("--formats", type=o.csv, default=None, help="comma-separated format names (see 'quantscope formats')")
+    c.add_argument("--formats", type=o.names, default=None, help="comma-separated format names (see 'quantscope formats')")
     o.add_text(c)
     c.add_argument("--score-second-half", action="store_true", help="score only the second half of each window (llama.cpp)")
     o.add_selection(c)

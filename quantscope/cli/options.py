@@ -21,6 +21,25 @@ def csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def names(s: str) -> tuple[str, ...]:
+    """A comma-separated list that names at least one thing ('' or ',,' is a mistake, not the defaults)."""
+    got = csv(s)
+    if not got:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got '{s}'")
+    return got
+
+
+def count(s: str) -> int:
+    """An integer >= 0."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{s}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def task_arg(s: str) -> tuple[str, str]:
     if "=" not in s:
         raise argparse.ArgumentTypeError(f"--task takes NAME=PATH, got '{s}'")
