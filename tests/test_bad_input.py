@@ -164,3 +164,23 @@ def test_negative_top_is_refused(capsys, tiny_model_dir):
     code, _, err = run_cli_exit(capsys, "sensitivity", "--model", str(d), "--text", str(text), "--top", "-2")
     assert_one_line_error(code, err, "--top")
     assert "0 or more" in err
+
+
+def test_a_named_library_format_that_cannot_run_fails_after_the_others(capsys, tiny_model_dir, tmp_path):
+    from quantscope.api import format_unavailable, list_formats
+    from quantscope.backends import BACKEND_FORMATS
+
+    missing = next((r["name"] for r in list_formats() if not r["installed"] and "not installed" in r["note"]
+                    and not BACKEND_FORMATS[r["name"]].needs_calibration), None)
+    if missing is None:
+        pytest.skip("every library format can run here")
+    d, text = tiny_model_dir
+    run, out = tmp_path / "run", tmp_path / "o.json"
+    code, stdout, err = run_cli(capsys, *fast(d, text, "--formats", f"int8,{missing}", "--out", str(run),
+                                              "--json", str(out)))
+    assert_one_line_error(code, err, format_unavailable(missing))
+    assert "pip install" in err and str(run) in err
+    assert missing in stdout and "skipped" in stdout  # the row is still printed
+    assert [r["format"] for r in json.loads(out.read_text()) if not r.get("error")] == ["fp32", "int8"]
+    code, stdout, err = run_cli(capsys, "show", str(run))
+    assert code == 0 and "int8" in stdout
