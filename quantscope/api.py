@@ -76,6 +76,16 @@ def list_formats() -> list[dict]:
     return rows
 
 
+def format_unavailable(name: str) -> str | None:
+    """Why library format `name` cannot run here (with the install hint), or None when it can or is not one."""
+    from .backends import BACKEND_FORMATS, available
+
+    if name not in BACKEND_FORMATS:
+        return None
+    ok, reason = available(name)
+    return None if ok else reason
+
+
 def load_paired_run(ref: str, root: str = "quantscope-runs"):
     """(Run, its records with paired statistics against their baselines), read without writing."""
     run = load_run(resolve_run(ref, root))

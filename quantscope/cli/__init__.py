@@ -2,7 +2,8 @@
 
 Human tables go to stdout, progress and warnings to stderr, machine output where `--json` says
 (`--json PATH` writes a file, `--json -` prints it instead of the tables). A user mistake
-(QuantscopeError) is one line on stderr and exit code 2, never a traceback.
+(QuantscopeError) is one line on stderr and exit code 2, never a traceback; so is a file that could not
+be written (OSError), though every output path is checked before the work starts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 from ..errors import QuantscopeError
 from . import compare, formats, plan, recommend, runs, save, sensitivity, sweep
-from .options import Parser
+from .options import Parser, check_output_path
 
 _COMMANDS = (compare.add_parser, formats.add_parser, runs.add_parsers, sweep.add_parser, sensitivity.add_parser,
              recommend.add_parser, save.add_parser, plan.add_parser)
@@ -38,9 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with quiet_libraries():
         try:
+            # every command's --json file and --out folder, checked before the work starts
+            check_output_path(getattr(args, "json", None))
+            check_output_path(getattr(args, "out", None), "--out", folder=True)
             return int(args.func(args) or 0)
         except QuantscopeError as e:
             sys.stderr.write(f"quantscope: error: {e}\n")
+            return 2
+        except OSError as e:  # a file that could not be written (disk full, a folder gone): one line too
+            where = f"{e.filename}: " if e.filename else ""
+            sys.stderr.write(f"quantscope: error: cannot write {where}{e.strerror or e}\n")
             return 2
         except KeyboardInterrupt:
             sys.stderr.write("quantscope: interrupted\n")

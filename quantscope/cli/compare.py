@@ -8,7 +8,7 @@ from . import options as o
 def add_parser(sub) -> None:
     c = sub.add_parser("compare", help="quantize into each format and measure them side by side")
     o.add_model(c)
-    c.add_argument("--formats", type=o.csv, default=None, help="comma-separated format names (see 'quantscope formats')")
+    c.add_argument("--formats", type=o.names, default=None, help="comma-separated format names (see 'quantscope formats')")
     o.add_text(c)
     c.add_argument("--score-second-half", action="store_true", help="score only the second half of each window (llama.cpp)")
     o.add_selection(c)
@@ -91,4 +91,18 @@ def run(args) -> int:
         reused = sum(1 for r in records if r.get("reused"))
         o.out(args, f"run directory: {run_dir}" + (f" ({reused} of {len(records)} rows reused from earlier runs)" if reused else ""))
     o.emit(args, records)
+    return _named_but_unavailable(args, records, run_dir)
+
+
+def _named_but_unavailable(args, records, run_dir) -> int:
+    """A library format the user named that cannot run here fails the command (exit 2, the install hint in
+    the line) once the others are stored; a default format that cannot run stays a skipped row."""
+    from ..api import format_unavailable
+    from ..errors import QuantscopeError
+
+    named = set(args.formats or ())
+    why = [w for r in records if r.get("error") and r["format"] in named and (w := format_unavailable(r["format"]))]
+    if why:
+        kept = f"; the other formats are stored in {run_dir}" if run_dir else ""
+        raise QuantscopeError(f"{'; '.join(why)}{kept}")
     return 0

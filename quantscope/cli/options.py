@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 MODEL_HELP = "'default' (embedded SmolLM2-135M), a local HF folder, a Hub id or a .gguf file"
 TEXT_HELP = "'python-docs', a .txt file or a .jsonl file with a 'text' field"
@@ -17,6 +19,25 @@ class Parser(argparse.ArgumentParser):
 
 def csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def names(s: str) -> tuple[str, ...]:
+    """A comma-separated list that names at least one thing ('' or ',,' is a mistake, not the defaults)."""
+    got = csv(s)
+    if not got:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got '{s}'")
+    return got
+
+
+def count(s: str) -> int:
+    """An integer >= 0."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{s}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
 
 
 def task_arg(s: str) -> tuple[str, str]:
@@ -69,6 +90,28 @@ def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
 
 def add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="quantscope-runs", help="folder holding the run directories")
+
+
+def check_output_path(path: str | None, option: str = "--json", folder: bool = False) -> None:
+    """Refuse an output path that could not be written, before any work: a directory where a file goes
+    (a file where a `folder` goes), or a parent that is a file or not writable. '-' (stdout) and None
+    pass; missing parent folders are fine, they are created when the file is written."""
+    from ..errors import QuantscopeError
+
+    if path is None or (path == "-" and not folder):
+        return
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise QuantscopeError(f"{option} {path} is a directory: give a file path")
+    if p.exists() and not p.is_dir() and folder:
+        raise QuantscopeError(f"{option} {path} is a file: give a folder path")
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantscopeError(f"cannot write {option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantscopeError(f"cannot write {option} {path}: {parent} is not writable")
 
 
 def progress_wanted(args) -> bool:

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
     pl.add_argument("model", help="local model folder, its config.json, or a Hub id")
     pl.add_argument("--ctx", type=int, default=8192)
     pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--formats", type=o.csv, default=("bf16", "fp8-e4m3", "int8", "int4-g128", "nf4", "int3-g128"),
+    pl.add_argument("--formats", type=o.names, default=("bf16", "fp8-e4m3", "int8", "int4-g128", "nf4", "int3-g128"),
                     help="comma-separated formats")
     pl.add_argument("--device", action="append", default=[], help="extra device: a size (24GB, 24GiB) or a listed name (repeatable)")
     pl.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16, fp32, fp8")

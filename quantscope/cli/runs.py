@@ -56,6 +56,8 @@ def report(args) -> int:
     from ..api import load_paired_run
     from ..report import write_report
 
+    for option, path in (("--html", args.html), ("--md", args.md)):
+        o.check_output_path(path, option)
     run, records = load_paired_run(args.run, args.root)
     html = args.html if (args.html or args.md) else str(run.path / "report.html")
     written = [str(p) for p in write_report(records, run.meta, html_path=html, md_path=args.md)]

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     o.add_text(se, ctx=256, windows=2, help="calibration text: windows from its start")
     o.add_selection(se, what="scan")
     se.add_argument("--include-embeddings", action="store_true", help="scan the embedding and lm_head too (tied: one unit)")
-    se.add_argument("--top", type=int, default=10, help="rows printed (0: all)")
+    se.add_argument("--top", type=o.count, default=10, help="rows printed (0: all)")
     o.add_json(se, "every unit's row")
     se.add_argument("--out", default=None, help="run directory to store the ranking in (for 'quantscope report')")
     se.add_argument("--no-cache", action="store_true", help="measure again even if this scan is cached")

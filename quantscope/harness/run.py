@@ -25,6 +25,10 @@ from .worker import ReferenceStore, run_job
 
 # settings that change how a run is carried out, not its figures: not part of the run directory's name
 _NOT_IN_RUN_NAME = ("formats", "isolate", "threads", "progress", "reference_cache_bytes")
+# what a run directory belongs to: `show` pairs every record with the one baseline, so a second model or
+# text in the same directory is refused (window_start_token may differ: calibrated formats added later
+# move the scored windows, and their baseline is stored beside the first one)
+RUN_BELONGS_TO = ("model_fingerprint", "text_sha256", "ctx", "scoring")
 
 
 def eval_spec(job: Job) -> dict:
@@ -69,7 +73,7 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     prep = prepare(config, inputs)
     # an existing run directory is opened up front (to reuse its records); a new one only once the
     # baseline has been measured, so a run that fails on bad input leaves nothing behind
-    store = RunStore.open(run_dir, meta=prep.meta) if run_dir is not None and Path(run_dir).exists() else None
+    store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO) if run_dir is not None and Path(run_dir).exists() else None
     records = []
     refs = ReferenceStore()
     try:
@@ -92,7 +96,7 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
                     raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")
                 if run_dir is not None and not rec.get("error"):
                     if store is None:
-                        store = RunStore.open(run_dir, meta=prep.meta)
+                        store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO)
                     store.put(key, rec)
             if on_record:
                 on_record(rec)

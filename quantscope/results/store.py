@@ -32,6 +32,20 @@ from quantscope.results.db import (DB_NAME, LOCK_NAME, SCHEMA, SCHEMA_VERSION,  
                                    check_database, corrupt_error, now, read_items, read_meta)
 from quantscope.results.record import Record, upgrade
 
+def _check_same(run_dir: Path, stored: dict, meta: dict, same: tuple[str, ...]) -> None:
+    differ = [k for k in same if k in stored and k in meta and stored[k] != meta[k]]
+    if not differ:
+        return
+
+    def show(d: dict) -> str:
+        return ", ".join(f"{k} {d[k]!r}" for k in differ)
+
+    held = f"model {stored.get('model')!r}, text {stored.get('text')!r}"
+    asked = f"model {meta.get('model')!r}, text {meta.get('text')!r}"
+    raise QuantscopeError(f"run directory {run_dir} holds {held} ({show(stored)}), this run asks for {asked} "
+                          f"({show(meta)}): give a new --out")
+
+
 class RunStore:
     """The writable store of one run directory. Use `RunStore.open(...)`, ideally as a context manager.
 
@@ -46,10 +60,13 @@ class RunStore:
         self._meta = meta
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, wait_seconds: float = 0.0) -> "RunStore":
+    def open(cls, run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, wait_seconds: float = 0.0,
+             same: tuple[str, ...] = ()) -> "RunStore":
         """Open (creating if needed) the run directory for writing.
 
         `meta` is merged into the stored metadata (new keys and values win; `created` is kept).
+        `same` names the metadata a run directory belongs to (its model, its text): a stored value that
+        differs from `meta`'s is refused before anything is written.
         If another process holds the run directory, wait up to `wait_seconds`, then refuse.
         """
         run_dir = Path(run_dir)
@@ -64,6 +81,7 @@ class RunStore:
         try:
             conn = _connect_writable(run_dir / DB_NAME)
             stored = read_meta(conn, run_dir / DB_NAME)
+            _check_same(run_dir, stored, meta or {}, same)
             merged = {**stored, **(meta or {})}
             merged.setdefault("name", run_dir.name)
             merged["created"] = stored.get("created", now())
