@@ -88,3 +88,22 @@ def quantized_modules(model):
     from quantscope.modules.qmodules import QuantEmbedding, QuantLinear
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `quantscope ARGV` run in this process."""
+    from quantscope.cli import main
+
+    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained progress)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    """A user mistake: exit 2 and one line on stderr holding `needle`, no traceback."""
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]

@@ -5,24 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from conftest import assert_one_line_error, run_cli
 from quantscope.cli import main
-
-
-def run_cli(capsys, *argv):
-    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained progress)
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, needle):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert needle in lines[0], lines[0]
 
 
 def test_unknown_format(capsys, tiny_model_dir, tmp_path):
