@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,9 +30,9 @@ from torch import nn
 
 from .backends import BACKEND_FORMATS
 from .errors import QuantscopeError
+from .formats.registry import storage_bytes
 from .formats.spec import FormatSpec, UnknownFormatError, parse_format, suggest
 
-KINDS = ("own", "calibrated", "mixed", "library")
 # progress(label, done, total): what a handler reports while it works (calibration blocks, a scan)
 Progress = Callable[[str, int, int], None]
 
@@ -62,31 +62,17 @@ class Format:
         """Who stores and runs the quantized weights: 'quantscope' or the library's name."""
         return self.spec.backend if self.kind == "library" else "quantscope"
 
-    @property
-    def is_baseline_dtype(self) -> bool:
-        """fp32/bf16/fp16: the weights in a plain float dtype (a baseline candidate)."""
-        return self.kind == "own" and self.spec.family == "float"
-
     def storage_bytes(self, out_features: int, in_features: int) -> int:
         """Exact bytes of one [out, in] matrix in this format's storage (own and calibrated formats)."""
         if self.kind not in ("own", "calibrated"):
             raise QuantscopeError(f"'{self.name}' has no single storage grid ({self.kind} format)")
-        from .formats.registry import storage_bytes
-
         return storage_bytes(self.spec, out_features, in_features)
-
-    def to_dict(self) -> dict:
-        if self.kind == "library":
-            return {"name": self.name, "kind": self.kind, "backend": self.spec.backend}
-        return {**self.spec.to_dict(), "kind": self.kind}
 
 
 @functools.lru_cache(maxsize=512)
 def resolve(name: str) -> Format:
     """The one place a format name is resolved; unknown names get one error with the closest names."""
-    if isinstance(name, Format):
-        return name
-    key = str(name).strip().lower()
+    key = name.strip().lower()
     if key.startswith("mixed-"):
         from .methods.mixed import parse_mixed
 
@@ -160,11 +146,11 @@ def quantize(model: nn.Module, fmt: "str | Format | FormatSpec", options: Quanti
     """Quantize `model` into `fmt` (in place for quantscope's own formats). `kw` are QuantizeOptions
     fields, for calls that need only one or two of them: quantize(model, "int4-g128", exclude=("mlp",))."""
     fmt = as_format(fmt)
-    options = options or QuantizeOptions()
-    for k, v in kw.items():
-        if not hasattr(options, k):
-            raise TypeError(f"quantize() got an unexpected option {k!r}")
-        setattr(options, k, tuple(v) if k in ("include", "exclude") else v)
+    unknown = set(kw) - {f.name for f in fields(QuantizeOptions)}
+    if unknown:
+        raise TypeError(f"quantize() got unexpected options {sorted(unknown)}")
+    kw = {k: tuple(v) if k in ("include", "exclude") else v for k, v in kw.items()}
+    options = replace(options or QuantizeOptions(), **kw)  # the caller's options are never changed
     t0 = time.perf_counter()
     done = HANDLERS[fmt.kind](model, fmt, options)
     # an engine of its own reports its quantizer's time alone (not the one-off export to its format)
@@ -198,10 +184,7 @@ def _calibrated(model: nn.Module, fmt: Format, opts: QuantizeOptions) -> Quantiz
 def _mixed(model: nn.Module, fmt: Format, opts: QuantizeOptions) -> Quantized:
     from .methods.mixed import quantize_mixed, sensitivity_windows
 
-    windows = None
-    if fmt.needs_calibration:
-        calib = opts.calib_list(fmt)
-        windows = sensitivity_windows(torch.stack(calib) if isinstance(calib, list) else calib)
+    windows = sensitivity_windows(torch.stack(opts.calib_list(fmt))) if fmt.needs_calibration else None
     step = None
     if opts.progress is not None:
         step = lambda done, total: opts.progress(f"{fmt.name}: sensitivity scan", done, total)  # noqa: E731

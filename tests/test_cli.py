@@ -224,3 +224,4 @@ def test_json_means_one_thing_on_every_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int4-g128" in out and f"wrote {path}" in out
     assert json.loads(path.read_text()) == rows
+

@@ -142,3 +142,8 @@ def emit(args, obj) -> None:
 def note(args, line: str) -> None:
     if not getattr(args, "quiet", False):
         print(line, file=sys.stderr, flush=True)
+
+
+def warn(line: str) -> None:
+    """A note about how the work is done (shown even with --quiet, which silences progress only)."""
+    print(f"note: {line}", file=sys.stderr, flush=True)

@@ -55,7 +55,7 @@ def run(args) -> int:
         state = "reused" if rec.get("reused") else "measured"
         o.note(args, f"[{state}] {rec['format']}" + (f": error {rec['error']}" if rec.get("error") else ""))
 
-    decision, target, run_dir = recommend_format(cfg, on_record=show)
+    decision, target, run_dir = recommend_format(cfg, on_record=show, note=o.warn)
     o.out(args, f"target: {target.describe()}; a format passes when the upper end of its 95% interval meets it")
     o.out(args, "decision trail:")
     o.out(args, "\n".join(trail_lines(decision)))

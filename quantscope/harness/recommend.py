@@ -8,7 +8,6 @@ them, so a format too big for the memory budget is rejected without being measur
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -108,7 +107,7 @@ def recommend_format(config: RecommendConfig, on_record: Callable[[dict], None] 
         records, _ = compare(replace(base, formats=(fmt,)), on_record=on_record, run_dir=run_dir, inputs=inputs)
         return next(r for r in records if r["format"] == fmt)
 
-    sizes = planned_sizes(base.model, base.dtype, base.include, base.exclude, note=note or _stderr)
+    sizes = planned_sizes(base.model, base.dtype, base.include, base.exclude, note=note)
     decision = recommend(target, measure, ladder, size_of=sizes)
     with RunStore.open(run_dir) as store:
         store.update_meta({"recommendation": summary(decision, target)})
@@ -123,6 +122,3 @@ def summary(decision: Decision, target: Target) -> dict:
     return {"chosen": decision.chosen, "meets_target": decision.meets_target, "reason": decision.reason,
             "target": target.describe(), "steps": steps}
 
-
-def _stderr(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr)
