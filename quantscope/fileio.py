@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +52,54 @@ def emit_json(dest: str, obj: Any) -> None:
         sys.stdout.flush()
     else:
         write_json_atomic(dest, obj)
+
+
+def partial_path(target: str | os.PathLike) -> Path:
+    """Where a large output (a checkpoint folder, a model file) is assembled before its one rename into
+    `target`: a hidden sibling named for this process, so a later run can tell a dead one's leftovers."""
+    target = Path(target)
+    return target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def remove_stale_partials(target: str | os.PathLike) -> list[tuple[str, int]]:
+    """Remove the partial outputs of `target` (see `partial_path`) whose process is gone — a save killed
+    with -9 cannot clean up after itself — and return (name, bytes) of each. A partial of a process
+    that still runs is another save in progress and is left alone."""
+    import shutil
+
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.partial-(\d+)-[0-9a-f]+$")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        size = _size(p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        if not p.exists():
+            removed.append((p.name, size))
+    return removed
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

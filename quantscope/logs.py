@@ -31,6 +31,15 @@ def quiet_libraries() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def check_threads(n: int | None) -> None:
+    """A thread count a config may hold: None (torch's default) or a positive integer, refused up front
+    (torch itself fails only when a worker sets it, deep in a run)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        from .errors import QuantscopeError
+
+        raise QuantscopeError(f"--threads must be a positive integer (omit it for torch's default), not {n}")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op thread count set to `n` inside the block, the previous count restored after."""

@@ -153,10 +153,24 @@ def quantize(model: nn.Module, fmt: "str | Format | FormatSpec", options: Quanti
     options = replace(options or QuantizeOptions(), **kw)  # the caller's options are never changed
     t0 = time.perf_counter()
     done = HANDLERS[fmt.kind](model, fmt, options)
+    if fmt.kind != "library":
+        done.notes.extend(_ragged_note(done.model))
     # an engine of its own reports its quantizer's time alone (not the one-off export to its format)
     own = getattr(done.model, "quantscope_quantize_seconds", None)
     done.seconds = time.perf_counter() - t0 if own is None else own
     return done
+
+
+def _ragged_note(model: nn.Module) -> list[str]:
+    from .modules.qmodules import ragged_layers
+
+    ragged = ragged_layers(model)
+    if not ragged:
+        return []
+    name, width, g = ragged[0]
+    return [f"{len(ragged)} layer(s) have input widths that are not a multiple of their group "
+            f"size (e.g. {name}: {width} = {width // g}x{g} + {width % g}), so their last group is partial; "
+            "measured as stored, but `quantscope save` refuses them (serving formats need whole groups)"]
 
 
 @handler("own")

@@ -30,6 +30,9 @@ class SaveConfig:
     check_tokens: int = 64  # tokens of the text whose logits are compared after reloading the checkpoint
 
     def __post_init__(self):
+        from .logs import check_threads
+
+        check_threads(self.threads)
         if self.calib_samples < 1 or self.calib_seqlen < 2:
             raise QuantscopeError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
         if self.check_tokens < 2:
@@ -70,6 +73,7 @@ def save(config: SaveConfig):
     """Quantize `config.model` into `config.format` and write it to `config.out`; returns a SaveReport."""
     from pathlib import Path
 
+    from .fileio import remove_stale_partials
     from .logs import torch_threads
     from .model.export import check_out_dir, import_ct
 
@@ -78,8 +82,12 @@ def save(config: SaveConfig):
     import_ct()  # the install hint before minutes of loading and quantizing
     out = Path(config.out)
     check_out_dir(out)  # before minutes of loading and quantizing
+    stale = remove_stale_partials(out)  # what a save killed with -9 left beside `out`
     with torch_threads(config.threads):
-        return _save(config, fmt, out)
+        report = _save(config, fmt, out)
+    report.notes.extend(f"removed {name} ({size / 1e6:.1f} MB), left by an earlier save that was killed"
+                        for name, size in stale)
+    return report
 
 
 def _save(config: SaveConfig, fmt: Format, out):

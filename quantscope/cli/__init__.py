@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import QuantscopeError
+from ..errors import QuantscopeError, one_line
 from . import compare, formats, plan, recommend, runs, save, sensitivity, sweep
 from .options import Parser, check_output_path
 
@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             check_output_path(getattr(args, "out", None), "--out", folder=True)
             return int(args.func(args) or 0)
         except QuantscopeError as e:
-            sys.stderr.write(f"quantscope: error: {e}\n")
+            sys.stderr.write(f"quantscope: error: {one_line(e)}\n")
             return 2
         except OSError as e:  # a file that could not be written (disk full, a folder gone): one line too
             where = f"{e.filename}: " if e.filename else ""
-            sys.stderr.write(f"quantscope: error: cannot write {where}{e.strerror or e}\n")
+            sys.stderr.write(f"quantscope: error: cannot write {where}{one_line(e.strerror or e)}\n")
             return 2
         except KeyboardInterrupt:
             sys.stderr.write("quantscope: interrupted\n")

@@ -61,7 +61,7 @@ def config_from(args):
 def run(args) -> int:
     from ..api import compare, default_run_dir
     from ..fileio import write_json_atomic
-    from ..report.terminal import comparison_table, ctx_sweep_table, task_table
+    from ..report.terminal import comparison_table, ctx_sweep_table, record_notes, task_table
 
     cfg = config_from(args)
     done: list[dict] = []
@@ -86,6 +86,8 @@ def run(args) -> int:
     for extra in (task_table(records), ctx_sweep_table(records)):
         if extra:
             o.out(args, extra)
+    for line in record_notes(records):
+        o.out(args, line)
     o.out(args, "\nΔppl: paired bootstrap over windows vs the baseline; * = the 95% interval excludes zero.")
     if run_dir:
         reused = sum(1 for r in records if r.get("reused"))

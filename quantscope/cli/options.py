@@ -92,6 +92,14 @@ def add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="quantscope-runs", help="folder holding the run directories")
 
 
+def _is_sqlite(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 def check_output_path(path: str | None, option: str = "--json", folder: bool = False) -> None:
     """Refuse an output path that could not be written, before any work: a directory where a file goes
     (a file where a `folder` goes), or a parent that is a file or not writable. '-' (stdout) and None
@@ -100,9 +108,14 @@ def check_output_path(path: str | None, option: str = "--json", folder: bool = F
 
     if path is None or (path == "-" and not folder):
         return
+    if not str(path).strip():
+        raise QuantscopeError(f"{option} is empty: give a {'folder' if folder else 'file'} path")
     p = Path(path)
     if p.is_dir() and not folder:
         raise QuantscopeError(f"{option} {path} is a directory: give a file path")
+    if p.is_file() and not folder and _is_sqlite(p):
+        raise QuantscopeError(f"{option} {path} is a result store (SQLite): refusing to overwrite it, give "
+                              "another path")
     if p.exists() and not p.is_dir() and folder:
         raise QuantscopeError(f"{option} {path} is a file: give a folder path")
     parent = p.absolute().parent

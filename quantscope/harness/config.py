@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import QuantscopeError
+from ..logs import check_threads
 from ..measure.speed import SpeedConfig
 
 # The default run: the baseline plus the formats people reach for first. With 8 windows of 512 tokens
@@ -56,6 +57,7 @@ class CompareConfig:
     progress: bool = False  # progress bars with ETA on stderr (the CLI turns them on for a terminal)
 
     def __post_init__(self):
+        check_threads(self.threads)
         if self.ctx < 2:
             raise QuantscopeError(f"--ctx must be at least 2, got {self.ctx}")
         if self.windows < 1:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import short_name
+from ..model.load import check_safetensors
 from ..errors import QuantscopeError
 from ..quantization import Format, resolve, resolve_all
 from .config import CompareConfig, Job
@@ -58,6 +59,8 @@ def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Input
     from ..model.load import load_config, load_tokenizer, resolve as resolve_model
 
     kind, path, fingerprint, model_name = resolve_model(model)
+    if kind == "local":  # missing or corrupt weights are the error to report, before the tokenizer's
+        check_safetensors(Path(path))
     try:
         tok = load_tokenizer(path, trust_remote_code)
         mcfg = load_config(path, trust_remote_code)
@@ -67,29 +70,26 @@ def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Input
         hint = " (offline, or no such model?)" if kind == "hub" else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise QuantscopeError(f"could not load model '{model}'{hint}: {type(e).__name__}: {first}") from None
-    if kind == "local":
-        check_safetensors(Path(path))
     src = load_text(text)
     return Inputs(model, text, trust_remote_code, kind, str(path), fingerprint, model_name, tok, mcfg,
                   src, tokenize(tok, src.text))
 
 
-def check_safetensors(folder: Path) -> None:
-    """Read every safetensors header (cheap) so a corrupt or truncated weight file fails before any work."""
-    from safetensors import safe_open
+def check_selection(model_config, include, exclude, trust_remote_code: bool = False) -> None:
+    """--include/--exclude checked on the model's skeleton (meta tensors: no memory, no weights read), so
+    a pattern that matches nothing or leaves nothing to quantize fails before the baseline is loaded."""
+    if not include and not exclude:
+        return
+    from transformers import AutoModelForCausalLM
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files and not any(folder.glob("*.bin")):
-        raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                keys = list(h.keys())
-                if keys:
-                    h.get_slice(keys[-1])
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-            raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: {first}") from None
+    from ..modules.swap import select_modules
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture that cannot be built this way: each worker checks the real model
+        return
+    select_modules(skeleton, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     if inputs is None or not inputs.matches(config):
         inputs = load_inputs(config.model, config.text, config.trust_remote_code)
     text, ids, mcfg = inputs.text, inputs.ids, inputs.model_config
+    check_selection(mcfg, config.include, config.exclude, config.trust_remote_code)
     notes: list[str] = []
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos and config.ctx > max_pos:

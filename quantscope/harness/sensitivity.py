@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..logs import torch_threads
+from ..logs import check_threads, torch_threads
 from ..methods.sensitivity import SensitivityCache, layer_sensitivity, rtn_spec
 from ..quantization import resolve
 
@@ -26,6 +26,9 @@ class SensitivityConfig:
     trust_remote_code: bool = False
     use_cache: bool = True  # reuse a stored scan of the same model, windows, format and units
     threads: int | None = None  # torch threads for the scan (restored after it)
+
+    def __post_init__(self):
+        check_threads(self.threads)
 
 
 def run_sensitivity(config: SensitivityConfig, progress: Callable[[int, int], None] | None = None

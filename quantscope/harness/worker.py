@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import QuantscopeError
+from ..interrupt import become_worker, children_ignore_sigint
 from ..logs import quiet_libraries, torch_threads
 from ..quantization import QuantizeOptions, quantize, resolve
 from ..results.record import error_record, new_record
@@ -247,6 +248,7 @@ def _lm_eval_items(model, tokenizer, spec: dict, rec: dict) -> dict:
 
 
 def _worker_main(job: Job, conn) -> None:
+    become_worker()  # Ctrl-C is the parent's to report; it stops this process
     with quiet_libraries():
         try:
             conn.send(("ok", measure_format(job, refs=_PipeReference(conn))))
@@ -274,7 +276,11 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=True)
     p = ctx.Process(target=_worker_main, args=(job, child), daemon=True)
-    p.start()
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # (it unblocks SIGINT the first time it starts)
+    with children_ignore_sigint():  # the worker is born deaf to the terminal's Ctrl-C (quantscope.interrupt)
+        p.start()
     child.close()
     msg = None
     try:
@@ -291,6 +297,12 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
                 break
     except (EOFError, BrokenPipeError):
         pass
+    except BaseException:  # Ctrl-C (or any failure here): the worker stops with us, silently
+        p.terminate()
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+        raise
     p.join()
     if msg is None:
         code = p.exitcode

@@ -37,7 +37,6 @@ import contextlib
 import functools
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
+from ..fileio import partial_path
 from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 from ..modules.swap import set_module
 
@@ -245,7 +245,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
     with torch.no_grad():
         want = model(input_ids=check_ids.unsqueeze(0), use_cache=False).logits[0].float()
     qconfig, weights = _to_compressed_tensors(model)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = partial_path(out)
     tmp.mkdir()  # (mkdir, not mkdtemp: the folder gets the user's usual permissions)
     try:
         compressor = ModelCompressor.from_pretrained_model(model, PACKED_FORMAT)

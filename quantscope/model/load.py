@@ -176,7 +176,28 @@ def resolve(ref: str) -> tuple[str, Path | str, str, str]:
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and ref.count("/") != 1
     if looks_like_path:
         raise QuantscopeError(f"model not found: {ref}")
-    return "hub", ref, "hub:" + ref, ref
+    from .hub import locate
+
+    where, _cached = locate(ref)  # one line, in seconds, for a name that is neither a folder nor on the Hub
+    return "hub", where, "hub:" + ref, ref
+
+
+def check_safetensors(folder: Path) -> None:
+    """Read every safetensors header (cheap) so a corrupt or truncated weight file fails before any work."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+                if keys:
+                    h.get_slice(keys[-1])
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+            raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: {first}") from None
 
 
 def load_tokenizer(path, trust_remote_code: bool = False):
@@ -199,6 +220,8 @@ def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: 
     from transformers import AutoModelForCausalLM
 
     kind, path, fp, name = resolve(ref)
+    if kind == "local":
+        check_safetensors(Path(path))
     try:
         with _quiet():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),

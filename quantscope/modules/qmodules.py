@@ -100,3 +100,16 @@ class TiedQuantHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.embedding.dequantized_weight().to(x.dtype))
+
+
+def ragged_layers(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, input width, group size) of every quantized linear whose width is not a multiple of its
+    format's group size: its last group per row is partial. Measured as stored, but serving formats
+    (compressed-tensors, GGUF) need whole groups, so a result on such layers says so."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            g = getattr(m.spec, "group_size", None)
+            if g and m.in_features % g:
+                out.append((name, m.in_features, g))
+    return out

@@ -56,6 +56,9 @@ def select_modules(model: nn.Module, include: Iterable[str] = (), exclude: Itera
     for pat in include:
         if not any(_matches(n, pat) for n, _ in model.named_modules()):
             raise QuantscopeError(f"--include pattern '{pat}' matches no module of this model")
+    if not chosen:
+        raise QuantscopeError("the --include/--exclude patterns leave no layer of this model to quantize"
+                              + (f" (--exclude {' '.join(exclude)})" if exclude else ""))
     # a tied head and its embedding are one tensor: selecting either selects both
     for head, emb in tied_pairs(model).items():
         if (head in chosen) != (emb in chosen):

@@ -46,18 +46,14 @@ def _read_config(path: Path) -> dict:
 
 
 def _download_config(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub import errors as hf_errors
-        from huggingface_hub.utils import validate_repo_id
-    except ImportError:
-        raise QuantscopeError(
-            f"{repo_id!r} is not a local path; reading a Hub id needs huggingface_hub (pip install huggingface_hub)"
-        ) from None
-    try:
-        validate_repo_id(repo_id)
-    except hf_errors.HFValidationError:
-        raise QuantscopeError(f"{repo_id}: no such file or directory, and not a valid Hub id") from None
+    from ..model.hub import locate
+
+    where, cached = locate(repo_id)  # one line in seconds when it is neither a folder nor on the Hub
+    if cached:
+        return Path(where) / "config.json"
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
     try:
         return Path(hf_hub_download(repo_id, "config.json"))
     except hf_errors.GatedRepoError:

@@ -186,3 +186,15 @@ def formats_table(rows: list[dict]) -> str:
               "mixed precision: mixed-edges:BASE/WIDE (first and last blocks in WIDE) and",
               "mixed-auto:BPW:F1/F2/... (per-layer formats allocated by measured sensitivity to BPW bits/weight)."]
     return "\n".join(lines)
+
+
+def record_notes(records: list[dict]) -> list[str]:
+    """One line per distinct note of a measured format (what the table cannot say: ragged groups, a
+    calibration that overlaps, a library's substitution); the baseline's own "reference row" note is the
+    table's header already."""
+    lines = []
+    for r in records:
+        for n in r.get("notes") or []:
+            if not str(n).startswith("reference row"):
+                lines.append(f"note ({r.get('format')}): {n}")
+    return list(dict.fromkeys(lines))

@@ -1,0 +1,182 @@
+"""Issue 20, continued: Ctrl-C, killed saves, names that are neither folders nor Hub models, messages
+that must stay one line, and what a table must say about ragged groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+
+def _unreachable_hub(monkeypatch):
+    import huggingface_hub
+
+    def refuse(*a, **k):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", refuse)
+
+
+@pytest.mark.parametrize("argv", [("compare", "--model", "nope_model_dir", "--no-store"),
+                                  ("plan", "nope_model_dir"),
+                                  ("save", "int8", "--model", "nope_model_dir", "--out", "{tmp}/ck"),
+                                  ("sensitivity", "--model", "nope_model_dir")])
+def test_a_name_that_is_neither_a_folder_nor_reachable_fails_at_once(capsys, monkeypatch, tmp_path, argv):
+    from huggingface_hub import constants
+
+    _unreachable_hub(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    import huggingface_hub.file_download as fd
+
+    monkeypatch.setattr(fd, "hf_hub_download", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert_one_line_error(code, err, "no such folder: nope_model_dir, and the Hugging Face Hub is unreachable")
+    assert not calls  # no download was attempted (they retry for most of a minute)
+    assert not (tmp_path / "ck").exists()
+
+
+def _cached_snapshot(root: Path, repo: str, model_dir: Path) -> Path:
+    """The Hub cache's layout for `repo` at one revision, holding `model_dir`'s files."""
+    import shutil
+
+    base = root / ("models--" + repo.replace("/", "--"))
+    rev = "0" * 40
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(rev)
+    snap = base / "snapshots" / rev
+    shutil.copytree(model_dir, snap)
+    return snap
+
+
+def test_a_cached_hub_model_loads_from_its_snapshot_when_the_hub_is_unreachable(monkeypatch, tmp_path,
+                                                                                 tiny_model_dir):
+    from huggingface_hub import constants
+
+    from quantscope.model.load import load_model, resolve
+
+    d, _ = tiny_model_dir
+    _unreachable_hub(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    snap = _cached_snapshot(tmp_path / "hub", "someone/tiny", d)
+    kind, path, fingerprint, name = resolve("someone/tiny")
+    assert (kind, Path(path), fingerprint, name) == ("hub", snap, "hub:someone/tiny", "someone/tiny")
+    lm = load_model("someone/tiny")  # from the snapshot folder: no network
+    assert lm.info.kind == "hub" and lm.info.n_params > 0
+
+
+def test_a_config_only_folder_reports_the_missing_weights(capsys, tmp_path, tiny_model_dir):
+    d, text = tiny_model_dir
+    only = tmp_path / "config-only"
+    only.mkdir()
+    (only / "config.json").write_text((d / "config.json").read_text())
+    for argv in (("compare", "--model", str(only), "--text", str(text), "--no-store"),
+                 ("save", "int8", "--model", str(only), "--out", str(tmp_path / "ck")),
+                 ("sensitivity", "--model", str(only), "--text", str(text))):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"no weights in {only}")
+
+
+def test_a_library_message_over_several_lines_is_printed_as_one(capsys, tmp_path, tiny_model_dir):
+    d, _ = tiny_model_dir
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = "two"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "plan", str(bad))
+    assert_one_line_error(code, err, "num_hidden_layers")
+
+
+def test_ragged_groups_are_named_in_the_table_notes(capsys, tmp_path, tiny_model_dir):
+    d, text = tiny_model_dir
+    code, out, _ = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows",
+                           "2", "--no-speed", "--no-isolate", "--quiet", "--no-store", "--formats", "int4-g7,int4-g32")
+    assert code == 0
+    notes = [line for line in out.splitlines() if line.startswith("note (")]
+    assert len(notes) == 1 and notes[0].startswith("note (int4-g7): 14 layer(s)"), out  # 64 wide: whole g32s
+    assert "64 = 9x7 + 1" in notes[0] and "quantscope save` refuses them" in notes[0]
+
+
+def test_a_killed_saves_partial_folder_is_removed_by_the_next_save(capsys, tmp_path, tiny_model_dir):
+    pytest.importorskip("compressed_tensors")
+    d, _ = tiny_model_dir
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ck.partial-{dead.pid}-0badcafe"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
+    live = tmp_path / f".ck.partial-{os.getppid()}-00c0ffee"  # a save of a process that still runs
+    live.mkdir()
+    code, out, err = run_cli(capsys, "save", "int8", "--model", str(d), "--out", str(tmp_path / "ck"), "--quiet")
+    assert code == 0, err
+    assert not stale.exists() and live.is_dir() and (tmp_path / "ck" / "config.json").is_file()
+    assert f"removed .ck.partial-{dead.pid}-0badcafe (0.0 MB), left by an earlier save that was killed" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")) == [live.name]
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_ctrl_c_is_quiet_in_the_parent_and_every_worker(tmp_path, tiny_model_dir):
+    """The terminal's Ctrl-C reaches the whole process group: send it as a terminal would, while a
+    worker is being started and while one runs; the only output is the parent's one line."""
+    d, text = tiny_model_dir
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for after, pause in (("[1] ", 0.3), ("[1] ", 2.5)):
+        p = subprocess.Popen([sys.executable, "-m", "quantscope.cli", "compare", "--model", str(d), "--text", str(text),
+                              "--ctx", "32", "--windows", "2", "--no-speed", "--no-store", "--formats",
+                              "int8,int4-g32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, env=env, text=True)
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if line.startswith(after):
+                time.sleep(pause)  # the next worker is starting (importing torch, unpickling its job), or runs
+                os.killpg(p.pid, signal.SIGINT)
+                break
+        rest = p.stderr.read()
+        p.wait(timeout=120)
+        assert p.returncode == 130, (seen, rest)
+        assert [ln for ln in rest.splitlines() if ln.strip()] == ["quantscope: interrupted"], rest
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--exclude", "."), "leave no layer of this model to quantize (--exclude .)"),
+    (("--threads", "-1"), "--threads must be a positive integer"),
+    (("--threads", "0"), "--threads must be a positive integer"),
+])
+def test_selections_and_thread_counts_that_cannot_work_are_refused_by_every_command(capsys, tmp_path, tiny_model_dir,
+                                                                                    extra, needle):
+    d, text = tiny_model_dir
+    for argv in (("compare", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows", "2", "--no-store"),
+                 ("save", "int8", "--model", str(d), "--out", str(tmp_path / "ck")),
+                 ("sensitivity", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows", "1")):
+        code, _, err = run_cli(capsys, *argv, *extra, "--quiet")
+        assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_no_output_may_overwrite_a_result_store(capsys, tmp_path, tiny_model_dir):
+    d, text = tiny_model_dir
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "compare", "--model", str(d), "--text", str(text), "--ctx", "32", "--windows", "2",
+                           "--no-speed", "--no-isolate", "--quiet", "--formats", "int8", "--out", str(run))
+    assert code == 0, err
+    store = run / "results.sqlite"
+    before = store.read_bytes()
+    for argv in (("report", str(run), "--html", str(store)), ("report", str(run), "--md", str(store)),
+                 ("show", str(run), "--json", str(store)), ("formats", "--json", str(store))):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "is a result store (SQLite): refusing to overwrite it")
+    assert store.read_bytes() == before
+    code, _, err = run_cli(capsys, "save", "int8", "--model", str(d), "--out", "")
+    assert_one_line_error(code, err, "--out is empty")
