@@ -180,3 +180,37 @@ def test_no_output_may_overwrite_a_result_store(capsys, tmp_path, tiny_model_dir
     assert store.read_bytes() == before
     code, _, err = run_cli(capsys, "save", "int8", "--model", str(d), "--out", "")
     assert_one_line_error(code, err, "--out is empty")
+
+
+def _copy_model(src: Path, dst: Path, skip=()) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in skip:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_folder_without_a_tokenizer_is_named_by_every_command(capsys, tmp_path, tiny_model_dir):
+    d, text = tiny_model_dir
+    tok_files = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"}
+    bare = _copy_model(d, tmp_path / "no-tok", skip=tok_files)
+    for argv in (("compare", "--model", str(bare), "--text", str(text), "--no-store"),
+                 ("save", "int8", "--model", str(bare), "--out", str(tmp_path / "ck")),
+                 ("sensitivity", "--model", str(bare), "--text", str(text))):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"no tokenizer in {bare}")
+
+
+def test_weights_that_do_not_match_config_json_are_refused_before_any_work(capsys, tmp_path, tiny_model_dir):
+    d, text = tiny_model_dir
+    wrong = _copy_model(d, tmp_path / "wrong")
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    for argv in (("compare", "--model", str(wrong), "--text", str(text), "--no-store"),
+                 ("save", "int8", "--model", str(wrong), "--out", str(tmp_path / "ck")),
+                 ("sensitivity", "--model", str(wrong), "--text", str(text))):
+        code, _, err = run_cli(capsys, *argv, "--quiet")
+        assert_one_line_error(code, err, "model.layers.0.mlp.down_proj.weight is [64, 128] in the weights but [64, 256]")
+        assert "config and weights do not belong together" in err
+    assert not (tmp_path / "ck").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import short_name
-from ..model.load import check_safetensors
+from ..model.checks import check_safetensors, check_shapes, check_tokenizer_files, skeleton
 from ..errors import QuantscopeError
 from ..quantization import Format, resolve, resolve_all
 from .config import CompareConfig, Job
@@ -59,8 +59,10 @@ def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Input
     from ..model.load import load_config, load_tokenizer, resolve as resolve_model
 
     kind, path, fingerprint, model_name = resolve_model(model)
+    shapes = None
     if kind == "local":  # missing or corrupt weights are the error to report, before the tokenizer's
-        check_safetensors(Path(path))
+        shapes = check_safetensors(Path(path))
+        check_tokenizer_files(Path(path))
     try:
         tok = load_tokenizer(path, trust_remote_code)
         mcfg = load_config(path, trust_remote_code)
@@ -70,6 +72,8 @@ def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Input
         hint = " (offline, or no such model?)" if kind == "hub" else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise QuantscopeError(f"could not load model '{model}'{hint}: {type(e).__name__}: {first}") from None
+    if shapes is not None:
+        check_shapes(Path(path), shapes, mcfg, trust_remote_code)
     src = load_text(text)
     return Inputs(model, text, trust_remote_code, kind, str(path), fingerprint, model_name, tok, mcfg,
                   src, tokenize(tok, src.text))
@@ -80,16 +84,11 @@ def check_selection(model_config, include, exclude, trust_remote_code: bool = Fa
     a pattern that matches nothing or leaves nothing to quantize fails before the baseline is loaded."""
     if not include and not exclude:
         return
-    from transformers import AutoModelForCausalLM
-
     from ..modules.swap import select_modules
 
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    except Exception:  # an architecture that cannot be built this way: each worker checks the real model
-        return
-    select_modules(skeleton, include, exclude)
+    model = skeleton(model_config, trust_remote_code)
+    if model is not None:  # (an architecture that cannot be built this way: each worker checks the real model)
+        select_modules(model, include, exclude)
 
 
 @dataclass(frozen=True)

