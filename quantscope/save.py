@@ -27,6 +27,10 @@ class SaveConfig:
     exclude: tuple[str, ...] = ()
     threads: int | None = None
     trust_remote_code: bool = False
+    # where the model is quantized (GPTQ/AWQ on a GPU are much faster) and the dtype of the tensors left
+    # unquantized: as for compare (quantscope.placement); the checkpoint is written from the CPU
+    device: str = "auto"
+    dtype: str = "auto"
     check_tokens: int = 64  # tokens of the text whose logits are compared after reloading the checkpoint
 
     def __post_init__(self):
@@ -98,7 +102,8 @@ def _save(config: SaveConfig, fmt: Format, out):
     from .model.load import load_model
     from .quantization import QuantizeOptions, quantize
 
-    lm = load_model(config.model, trust_remote_code=config.trust_remote_code)
+    lm = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                    device=config.device)
     _check_geometry(lm.model, fmt, config.include, config.exclude)
     text = load_text(config.calib)
     ids = tokenize(lm.tokenizer, text.text)
@@ -117,5 +122,5 @@ def _save(config: SaveConfig, fmt: Format, out):
     t0 = time.perf_counter()
     done = quantize(lm.model, fmt, QuantizeOptions(include=config.include, exclude=config.exclude,
                                                    calib=list(calib) if calib is not None else None))
-    provenance["quantize_seconds"] = time.perf_counter() - t0
-    return save_compressed_tensors(done.model, lm.tokenizer, out, check, provenance)
+    provenance.update(quantize_seconds=time.perf_counter() - t0, device=lm.info.device, dtype=lm.info.dtype)
+    return save_compressed_tensors(done.model.to("cpu"), lm.tokenizer, out, check, provenance)

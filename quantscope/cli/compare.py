@@ -47,7 +47,7 @@ def config_from(args):
     formats = tuple(args.formats) if args.formats is not None else DEFAULT_FORMATS
     formats += tuple(f"mixed-auto:{b}:{args.ladder}" for b in (*args.target_bpw, *args.target_bytes))
     return CompareConfig(
-        model=args.model, formats=formats, text=args.text, ctx=args.ctx, windows=args.windows,
+        model=args.model, device=args.device, dtype=args.dtype, formats=formats, text=args.text, ctx=args.ctx, windows=args.windows,
         score_second_half=args.score_second_half, include=tuple(args.include), exclude=tuple(args.exclude),
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         speed=SpeedConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens),

@@ -48,7 +48,12 @@ def task_arg(s: str) -> tuple[str, str]:
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
+    """--model, and where and in which dtype it runs (--device, --dtype)."""
     p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--device", default="auto",
+                   help="auto (the first GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto",
+                   help="the baseline's dtype: auto (the checkpoint's own on a GPU, fp32 on the CPU), fp32, bf16, fp16")
 
 
 def add_text(p: argparse.ArgumentParser, ctx: int = 512, windows: int = 8, help: str = TEXT_HELP) -> None:

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 def config_from(args):
     from ..api import CompareConfig, RecommendConfig, parse_memory
 
-    cmp = CompareConfig(model=args.model, text=args.text, ctx=args.ctx, windows=args.windows,
+    cmp = CompareConfig(model=args.model, device=args.device, dtype=args.dtype, text=args.text, ctx=args.ctx, windows=args.windows,
                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                         isolate=not args.no_isolate, threads=args.threads,
                         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,

@@ -23,7 +23,8 @@ def run(args) -> int:
 
     cfg = SaveConfig(format=args.format, out=args.out, model=args.model, calib=args.calib,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, include=tuple(args.include),
-                     exclude=tuple(args.exclude), threads=args.threads, trust_remote_code=args.trust_remote_code)
+                     exclude=tuple(args.exclude), threads=args.threads, trust_remote_code=args.trust_remote_code,
+                     device=args.device, dtype=args.dtype)
     r = save(cfg)
     o.out(args, f"wrote {r.out}: compressed-tensors pack-quantized checkpoint (vLLM, transformers), "
                 f"{r.linears} quantized linears, {fmt_bytes(r.file_bytes)} of safetensors")

@@ -43,7 +43,7 @@ def run(args) -> int:
                             windows=args.windows, ctx=args.ctx, include=tuple(args.include),
                             exclude=tuple(args.exclude), include_embeddings=args.include_embeddings,
                             trust_remote_code=args.trust_remote_code, use_cache=not args.no_cache,
-                            threads=args.threads)
+                            threads=args.threads, device=args.device, dtype=args.dtype)
     rows, meta = sensitivity(cfg, _progress("sensitivity", args.quiet))
     o.out(args, f"model: {meta['model']}\nformat: {meta['format']}, one {meta['unit']} at a time (round-to-nearest); "
                 f"text: {meta['text']}, {meta['windows']} x {meta['ctx']} tokens from its start")

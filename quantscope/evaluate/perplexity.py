@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..placement import module_device
 from .stats import mean_stderr
 
 
@@ -77,20 +78,22 @@ def score_windows(model, windows: torch.Tensor, reference=None, score_from: int 
         raise ValueError("score_from must be in [1, ctx)")
     res = WindowScores()
     with torch.inference_mode():
+        device = module_device(model)
         for i, w in enumerate(windows):
+            w = w.to(device)
             targets = w[score_from:]
             logp = torch.log_softmax(_logits(model, w)[score_from - 1:-1], dim=-1)
-            res.nll.append((-logp.gather(1, targets[:, None]).squeeze(1)).numpy().astype(np.float32))
+            res.nll.append((-logp.gather(1, targets[:, None]).squeeze(1)).cpu().numpy().astype(np.float32))
             if export is not None:
                 export(i, logp)
             if reference is not None:
                 if isinstance(reference, torch.nn.Module):
                     ref = torch.log_softmax(_logits(reference, w)[score_from - 1:-1], dim=-1)
                 else:
-                    ref = reference(i)
+                    ref = reference(i).to(device)
                 kld = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
-                res.kld.append(kld.numpy().astype(np.float32))
-                res.top1.append((ref.argmax(-1) == logp.argmax(-1)).numpy())
+                res.kld.append(kld.cpu().numpy().astype(np.float32))
+                res.top1.append((ref.argmax(-1) == logp.argmax(-1)).cpu().numpy())
                 del ref
             del logp
             if progress is not None:

@@ -32,8 +32,8 @@ FP4_CODEBOOK = tuple(v / 12.0 for v in _FP4_RAW)
 DQ_BLOCK = 256  # absmaxes per second-level scale
 
 
-def codebook(variant: str) -> torch.Tensor:
-    return torch.tensor(NF4_CODEBOOK if variant == "nf4" else FP4_CODEBOOK, dtype=torch.float32)
+def codebook(variant: str, device=None) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK if variant == "nf4" else FP4_CODEBOOK, dtype=torch.float32, device=device)
 
 
 def nearest_code(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def quantize(w: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
         t = {"absmax": amax.half().contiguous()}
     stored = _absmax(t)  # quantize against exactly what is stored
     x = (wb / stored.unsqueeze(-1)).reshape(out_f, -1)[:, :in_f]
-    codes = nearest_code(x, codebook(spec.variant))
+    codes = nearest_code(x, codebook(spec.variant, x.device))
     t["qweight"] = pack_bits(codes, 4)
     return t
 
@@ -99,7 +99,7 @@ def dequantize(t: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, i
     if rows is not None:
         absmax, packed = absmax[rows], packed[rows]
     codes = unpack_bits(packed, 4, in_f)
-    w = codebook(spec.variant)[codes.to(torch.int32)]
+    w = codebook(spec.variant, codes.device)[codes.to(torch.int32)]
     block = spec.group_size
     full = (in_f // block) * block
     nfull = full // block

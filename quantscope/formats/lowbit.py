@@ -25,7 +25,7 @@ def _scales(w: torch.Tensor, group: int) -> torch.Tensor:
     pad = ng * group - in_f
     if pad:
         g = torch.nn.functional.pad(g, (0, pad))
-    counts = torch.full((ng,), float(group))
+    counts = torch.full((ng,), float(group), device=w.device)
     counts[-1] = group - pad
     return (g.view(out_f, ng, group).sum(-1) / counts).clamp_min(1e-8).half()
 

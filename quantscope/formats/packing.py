@@ -45,13 +45,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.view(rows, -1, k)
     if nb == 1:  # 1, 2, 4 bits: k codes in one byte
-        shifts = torch.arange(k, dtype=torch.int32) * bits
+        shifts = torch.arange(k, dtype=torch.int32, device=c.device) * bits
         return (c << shifts).sum(-1).to(torch.uint8).contiguous()
     # 3, 5, 6, 7 bits: k codes in nb bytes; nb * 8 <= 56 bits, so int64 holds a chunk
     c = c.to(torch.int64)
-    shifts = torch.arange(k, dtype=torch.int64) * bits
+    shifts = torch.arange(k, dtype=torch.int64, device=c.device) * bits
     val = (c << shifts).sum(-1)  # [rows, chunks]
-    bshift = torch.arange(nb, dtype=torch.int64) * 8
+    bshift = torch.arange(nb, dtype=torch.int64, device=c.device) * 8
     return ((val.unsqueeze(-1) >> bshift) & 0xFF).to(torch.uint8).reshape(rows, -1).contiguous()
 
 
@@ -66,14 +66,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         parts = [(packed >> (bits * j)) & mask for j in range(k)]
         return torch.stack(parts, dim=-1).reshape(rows, -1)[:, :n]
     p = packed.view(rows, -1, nb).to(torch.int64)
-    bshift = torch.arange(nb, dtype=torch.int64) * 8
+    bshift = torch.arange(nb, dtype=torch.int64, device=p.device) * 8
     val = (p << bshift).sum(-1)  # [rows, chunks]
-    shifts = torch.arange(k, dtype=torch.int64) * bits
+    shifts = torch.arange(k, dtype=torch.int64, device=p.device) * bits
     codes = (val.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
 
 
-_POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def _pow3(device) -> torch.Tensor:
+    return torch.tensor(_POW3, dtype=torch.int32, device=device)
 
 
 def ternary_row_bytes(n: int) -> int:
@@ -87,11 +91,11 @@ def pack_ternary(trits: torch.Tensor) -> torch.Tensor:
     t = trits.to(torch.int32)
     if pad:
         t = torch.nn.functional.pad(t, (0, pad))
-    return (t.view(rows, -1, 5) * _POW3).sum(-1).to(torch.uint8).contiguous()
+    return (t.view(rows, -1, 5) * _pow3(t.device)).sum(-1).to(torch.uint8).contiguous()
 
 
 def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
     rows = packed.shape[0]
     v = packed.to(torch.int32).unsqueeze(-1)
-    trits = (v // _POW3) % 3
+    trits = (v // _pow3(v.device)) % 3
     return trits.reshape(rows, -1)[:, :n].to(torch.uint8)

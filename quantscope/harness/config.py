@@ -37,7 +37,10 @@ class CompareConfig:
     speed: SpeedConfig = SpeedConfig()
     measure_speed: bool = True
     isolate: bool = True  # one worker process per format (separate peak RSS, crash isolation)
-    dtype: str = "float32"  # baseline dtype
+    # where the baseline and every format run, and the baseline's dtype: "auto" = the first GPU (else
+    # MPS, else the CPU) and the checkpoint's own dtype there, float32 on the CPU (quantscope.placement)
+    device: str = "auto"
+    dtype: str = "auto"
     threads: int | None = None  # torch threads in workers (None: torch's default)
     trust_remote_code: bool = False
     tasks: tuple[tuple, ...] = ()  # (task name, path) or (task name, path, limit) tuples, see evaluate.tasks
@@ -85,7 +88,7 @@ class Job:
     model_path: str
     model_name: str
     model_ref: str
-    dtype: str
+    dtype: str  # resolved: float32, bfloat16 or float16
     trust_remote_code: bool
     windows: torch.Tensor
     score_from: int
@@ -101,6 +104,7 @@ class Job:
     progress: bool = False  # tqdm bars on stderr (only when it is a terminal)
     ref_mode: str = "local"  # baseline: "export" its log-probs; others: "serve" (from the parent) or "local"
     lm_eval: dict = field(default_factory=dict)  # {"tasks", "include", "limit"} for --lm-eval-task
+    device: str = "cpu"  # resolved: cpu, cuda:N or mps
 
     @property
     def n_ctx(self) -> int:

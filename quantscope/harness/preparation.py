@@ -18,6 +18,7 @@ import torch
 from ..dtypes import short_name
 from ..model.checks import check_safetensors, check_shapes, check_tokenizer_files, skeleton
 from ..errors import QuantscopeError
+from ..placement import resolve_device, resolve_dtype
 from ..quantization import Format, resolve, resolve_all
 from .config import CompareConfig, Job
 
@@ -147,8 +148,24 @@ class Prepared:
     inputs: Inputs
 
 
-def baseline_format(config: CompareConfig) -> Format:
-    return resolve(short_name(config.dtype))
+def placement(config: CompareConfig, model_config=None) -> tuple[str, str]:
+    """(device, baseline dtype) of a run, resolved and checked: a device that is not here, or a dtype it
+    cannot compute, fails before any work. `auto` dtype on an accelerator reads the checkpoint's own
+    (from `model_config`, else from config.json)."""
+    device = resolve_device(config.device)
+    if config.dtype.strip().lower() != "auto" or device == "cpu":
+        return device, resolve_dtype(config.dtype, device)
+    if model_config is None:
+        from ..model.load import load_config, resolve as resolve_model
+
+        model_config = load_config(resolve_model(config.model)[1], config.trust_remote_code)
+    own = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return device, resolve_dtype("auto", device, str(own) if own is not None else None)
+
+
+def baseline_format(dtype: str) -> Format:
+    """The baseline row's format for a resolved dtype ('float32' -> fp32)."""
+    return resolve(short_name(dtype))
 
 
 def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
@@ -158,10 +175,12 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     from ..measure.machine import machine_info
 
     formats = resolve_all(config.formats)
-    base = baseline_format(config)
+    device = resolve_device(config.device)  # a device that is not here: before the model is read
     if inputs is None or not inputs.matches(config):
         inputs = load_inputs(config.model, config.text, config.trust_remote_code)
     text, ids, mcfg = inputs.text, inputs.ids, inputs.model_config
+    device, dtype = placement(config, mcfg)
+    base = baseline_format(dtype)
     check_selection(mcfg, config.include, config.exclude, config.trust_remote_code)
     notes: list[str] = []
     max_pos = getattr(mcfg, "max_position_embeddings", None)
@@ -196,7 +215,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
         "model": inputs.model_name, "model_ref": config.model, "model_fingerprint": inputs.fingerprint,
         "text": text.name, "text_sha256": text.sha256, "ctx": config.ctx, "windows": config.windows,
         "window_start_token": start, "scoring": "second-half" if config.score_second_half else "all-but-first",
-        "calibration_overlap": overlap, **versions(),
+        "calibration_overlap": overlap, "device": device, "dtype": dtype, **versions(),
     }
     ordered = [base] + [f for f in formats if f.name != base.name]
     vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
@@ -206,15 +225,17 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     for f in ordered:
         is_base = f.name == base.name
         jobs.append(Job(format=f.name, is_baseline=is_base, model_path=inputs.path, model_name=inputs.model_name,
-                        model_ref=config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                        model_ref=config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
                         windows=windows, score_from=score_from, calib=calib if f.needs_calibration else None,
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads, common=dict(common),
                         tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
                         ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
     if inputs.kind in ("embedded", "gguf"):
-        notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
-                     "full-precision checkpoint)")
+        notes.append(f"baseline = GGUF weights dequantized to {short_name(dtype).upper()} by transformers (not an "
+                     "original full-precision checkpoint)")
+    if device != "cpu" or dtype != "float32":
+        notes.append(f"baseline in {dtype} on {device}; every format runs on {device}")
     meta = {**common, "formats": [f.name for f in ordered], "notes": notes, "machine": machine_info(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict()}
     return Prepared(config, ordered, jobs, notes, meta, inputs)

@@ -15,7 +15,7 @@ from ..dtypes import short_name
 from ..errors import QuantscopeError
 from ..recommend import DEFAULT_LADDER, Decision, Ladder, Target, recipe_ladder, recommend, scenario_target
 from .config import CompareConfig
-from .preparation import load_inputs
+from .preparation import load_inputs, placement
 from .run import compare, default_run_dir
 
 
@@ -43,7 +43,7 @@ def target_and_ladder(config: RecommendConfig) -> tuple[Target, Ladder]:
     """(Target, Ladder): the recipe's ladder, or a scenario's, with the given overrides."""
     from ..quantization import resolve
 
-    baseline = short_name(config.compare.dtype)
+    baseline = short_name(placement(config.compare)[1])
     quality = {k: v for k, v in (("max_ppl_increase_pct", config.max_ppl_increase_pct),
                                  ("max_kld", config.max_kld), ("max_acc_drop_pct", config.max_acc_drop_pct))
                if v is not None}
@@ -97,11 +97,12 @@ def recommend_format(config: RecommendConfig, on_record: Callable[[dict], None] 
     from ..results.store import RunStore
 
     target, ladder = target_and_ladder(config)
-    base = replace(config.compare, formats=(short_name(config.compare.dtype),),
+    inputs = load_inputs(config.compare.model, config.compare.text, config.compare.trust_remote_code)
+    device, dtype = placement(config.compare, inputs.model_config)
+    base = replace(config.compare, formats=(short_name(dtype),), device=device, dtype=dtype,
                    measure_speed=target.prefer == "fastest",
                    reserve_calib=True)  # every step on the same windows, calibrated or not
     run_dir = config.run_dir or default_run_dir(base)
-    inputs = load_inputs(base.model, base.text, base.trust_remote_code)
 
     def measure(fmt: str) -> dict:
         records, _ = compare(replace(base, formats=(fmt,)), on_record=on_record, run_dir=run_dir, inputs=inputs)

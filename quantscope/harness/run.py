@@ -17,6 +17,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import QuantscopeError
+from ..placement import resolve_device, resolve_dtype
 from ..results.keys import record_key
 from .config import CompareConfig, Job
 from .pairing import add_paired_statistics
@@ -38,7 +39,7 @@ def eval_spec(job: Job) -> dict:
         "text_sha256": job.common["text_sha256"], "ctx": job.common["ctx"], "windows": job.common["windows"],
         "window_start_token": job.common["window_start_token"], "scoring": job.common["scoring"],
         "include": list(job.include), "exclude": list(job.exclude), "calib_sha256": calib,
-        "dtype": job.dtype, "speed": asdict(job.speed) if job.measure_speed else None,
+        "dtype": job.dtype, **({"device": job.device} if job.device != "cpu" else {}), "speed": asdict(job.speed) if job.measure_speed else None,
         "tasks": [[t.name, t.source, len(t.items), getattr(t, "shots", 0)] for t in job.tasks],
         "ctx_sweep": sorted(job.sweep_windows),
         # only when asked: records stored before lm-eval tasks existed keep their keys
@@ -55,8 +56,14 @@ def job_key(job: Job) -> str:
 
 def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str:
     """`quantscope-runs/<model>-<text>-<hash of the evaluation settings>`: the same command resumes."""
-    key = json.dumps({k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_NAME},
-                     sort_keys=True, default=str)
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_NAME}
+    device = resolve_device(config.device)
+    if device == "cpu":  # named as before --device existed: `auto` and `cpu` on a CPU machine are one run
+        settings.pop("device")
+        settings["dtype"] = resolve_dtype(config.dtype, device)
+    else:
+        settings["device"] = device
+    key = json.dumps(settings, sort_keys=True, default=str)
 
     def short(s) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(str(s).rstrip("/")))[:24].strip("-") or "x"

@@ -22,7 +22,8 @@ class SensitivityConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     include_embeddings: bool = False
-    dtype: str = "float32"
+    device: str = "auto"  # as for compare (quantscope.placement)
+    dtype: str = "auto"
     trust_remote_code: bool = False
     use_cache: bool = True  # reuse a stored scan of the same model, windows, format and units
     threads: int | None = None  # torch threads for the scan (restored after it)
@@ -38,15 +39,16 @@ def run_sensitivity(config: SensitivityConfig, progress: Callable[[int, int], No
     from ..model.load import cache_root, load_model
 
     fmt = rtn_spec(resolve(config.format).spec)
-    lm = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    lm = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                    device=config.device)
     text = load_text(config.text)
     windows = make_windows(tokenize(lm.tokenizer, text.text), config.ctx, config.windows, source=text.name)
-    cache = (SensitivityCache(cache_root() / "sensitivity", f"{lm.info.fingerprint}|{config.dtype}")
+    cache = (SensitivityCache(cache_root() / "sensitivity", f"{lm.info.fingerprint}|{lm.info.dtype}")
              if config.use_cache else None)
     with torch_threads(config.threads):
         rows = layer_sensitivity(lm.model, windows, fmt, config.unit, config.include, config.exclude,
                                  config.include_embeddings, cache=cache, progress=progress)
     meta = {"model": lm.info.name, "model_fingerprint": lm.info.fingerprint, "format": fmt.name,
             "unit": config.unit, "text": text.name, "text_sha256": text.sha256, "ctx": config.ctx,
-            "windows": config.windows, "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1))}
+            "windows": config.windows, "device": lm.info.device, "dtype": lm.info.dtype, "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1))}
     return rows, meta

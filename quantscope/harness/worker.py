@@ -118,7 +118,8 @@ def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dic
 
 def _measure(job: Job, progress: Callable | None, refs) -> dict:
     from ..evaluate.perplexity import score_windows
-    from ..measure.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tensor_bytes, weight_bytes
+    from ..measure.memory import (current_rss_bytes, peak_device_bytes, peak_rss_bytes, reset_peak_device,
+                                  reset_peak_rss, tensor_bytes, weight_bytes)
     from ..measure.speed import measure_speed
     from ..model.load import load_model
     from ..modules.swap import select_modules
@@ -126,7 +127,8 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     fmt = resolve(job.format)
     rec = new_record(format=job.format, baseline=job.is_baseline, **job.common)
     notes: list[str] = []
-    lm = load_model(job.model_path, dtype=job.dtype, trust_remote_code=job.trust_remote_code)
+    reset_peak_device(job.device)  # (inline runs share the process: this format's peak only)
+    lm = load_model(job.model_path, dtype=job.dtype, trust_remote_code=job.trust_remote_code, device=job.device)
     base = lm.model
     selected = select_modules(base, job.include, job.exclude)
     mods = dict(base.named_modules())
@@ -140,7 +142,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     if job.is_baseline:
         qmodel, reference, qsec, storage = base, None, 0.0, None
         if job.ref_mode == "export" and refs is not None:
-            export = lambda i, logp: refs.put(i, logp.numpy().copy())  # noqa: E731
+            export = lambda i, logp: refs.put(i, logp.cpu().numpy().copy())  # noqa: E731
     else:
         if job.ref_mode == "serve" and refs is not None:
             # the reference comes from the parent: quantize the baseline in place, no second copy
@@ -207,6 +209,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     else:
         rec["prefill_tokens_per_s"] = rec["decode_tokens_per_s"] = None
     rec["peak_rss_bytes"] = max(peak_before, peak_rss_bytes())
+    rec["peak_device_bytes"] = peak_device_bytes(job.device)
     if fmt.kind != "library":
         rec["backend"] = "quantscope"
         rec["spec"] = fmt.spec.to_dict()

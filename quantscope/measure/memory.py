@@ -94,3 +94,16 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return peak_rss_bytes()
+
+
+def peak_device_bytes(device) -> int | None:
+    """Peak bytes torch's caching allocator has held on a CUDA device since the last reset (the GPU
+    side of a format's peak, next to peak RSS); None on the CPU and on devices without the counter."""
+    if torch.device(device).type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def reset_peak_device(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..placement import module_device, synchronize
+
 
 @dataclass(frozen=True)
 class SpeedConfig:
@@ -36,24 +38,29 @@ def _cache_of(out):
 
 def _greedy(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
     kw = _cache_kwarg(model)
+    device = prompt.device
+    synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     past = _cache_of(out)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
     t1 = time.perf_counter()
-    toks = [int(nxt)]
+    toks = [nxt]
     for _ in range(new_tokens - 1):
         out = model(input_ids=nxt, use_cache=True, **{kw: past})
         past = _cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks.append(int(nxt))
+        toks.append(nxt)  # (int() here would wait for the device at every step)
+    synchronize(device)
     t2 = time.perf_counter()
+    toks = [int(t) for t in toks]
     return t1 - t0, t2 - t1, toks
 
 
 def measure_speed(model, prompt_ids: torch.Tensor, cfg: SpeedConfig = SpeedConfig()) -> dict:
     """{"prefill_tokens_per_s", "decode_tokens_per_s", "generated"} for a 1-D prompt."""
-    prompt = prompt_ids[: cfg.prompt_tokens].unsqueeze(0)
+    prompt = prompt_ids[: cfg.prompt_tokens].unsqueeze(0).to(module_device(model))
     if cfg.new_tokens < 2:
         raise ValueError("new_tokens must be >= 2")
     with torch.inference_mode():

@@ -73,6 +73,8 @@ class ActStats:
 
     def add_batch(self, inp: torch.Tensor) -> None:
         x = inp.detach().reshape(-1, self.columns).float()
+        if self.abs_sum.device != x.device:  # the sums live where the layer's inputs are
+            self.abs_sum = self.abs_sum.to(x.device)
         self.abs_sum += x.abs().sum(0).double()  # float32 within a batch, float64 across batches
         start = (-self.n) % self.stride
         self.n += x.shape[0]
@@ -85,7 +87,7 @@ class ActStats:
         return (self.abs_sum / max(self.n, 1)).float()
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.columns)
+        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.columns, device=self.abs_sum.device)
 
     def rescale(self, s: torch.Tensor) -> None:
         """The input was divided by `s` (scales folded upstream): update the statistics."""
@@ -181,9 +183,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: FormatSpec, grid: int = 
     # padded input columns are zero: the padding copies of the last weight column contribute nothing
     xg = nn.functional.pad(x.float(), (0, pad)).view(-1, ng, G).transpose(0, 1)  # [ng, T, G]
     gram = xg.transpose(1, 2) @ xg / max(x.shape[0], 1)  # [ng, G, G]
-    ratios = torch.tensor([1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))])
+    ratios = torch.tensor([1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))], device=w.device)
     R = ratios.numel()
-    best_val = torch.empty(out_f, ng)
+    best_val = torch.empty(out_f, ng, device=w.device)
     for r0 in range(0, out_f, rows_per_chunk):
         wg = _groups(w[r0:r0 + rows_per_chunk], spec.group_size)  # [rows, ng, G]
         rows = wg.shape[0]
@@ -262,7 +264,7 @@ def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
         weight = getattr(prev, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
             raise QuantscopeError(f"awq: cannot fold scales into {group.prev} ({type(prev).__name__})")
-        probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
         before = prev(probe).float()
         saved = (weight.data.clone(), bias.data.clone() if bias is not None else None)
         weight.data.div_(s.to(weight.dtype))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
+from ..placement import module_device
 
 
 class Stop(Exception):
@@ -38,11 +39,12 @@ def capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tenso
         raise _Caught(args, kwargs)
 
     xs, rest, shared = [], [], {}
+    device = module_device(first)  # the token batches go where the model is
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in batches:
             try:
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False)
             except _Caught as c:
                 args, kwargs = c.args_, dict(c.kwargs)
                 x = args[0] if args else kwargs.pop("hidden_states")

@@ -74,7 +74,7 @@ def _gram(x: torch.Tensor, min_block: int = 144) -> torch.Tensor:
         g = x.t() @ x
         return (g + g.t()).mul_(0.5)
     edges = [round(i * n / k) for i in range(k + 1)]
-    out = torch.empty(n, n, dtype=x.dtype)
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for a in range(k):
         lo, hi = edges[a], edges[a + 1]
         blk = x[:, lo:hi].t() @ x[:, lo:]  # row block a, from a's diagonal block to the end
@@ -96,6 +96,8 @@ class GPTQ:
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add inputs ``[..., columns]`` (any leading shape: batch, sequence)."""
         x = inp.detach().reshape(-1, self.columns).float()
+        if self.xtx.device != x.device:  # the sum lives where the layer's inputs are
+            self.xtx = self.xtx.to(x.device)
         self.xtx += _gram(x).double()
         self.n += x.shape[0]
 
@@ -119,7 +121,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
     Returns (factor or None, dampening fraction used)."""
     n = H.shape[0]
     mean_diag = torch.diagonal(H).mean().item()
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=H.device)
     for attempt in range(_DAMP_RETRIES + 1):
         frac = damp * 10.0 ** attempt
         Hd = H.clone()
@@ -170,7 +172,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, config: GP
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(in_f)
+        perm = torch.arange(in_f, device=W.device)
 
     Hinv, damp = _inverse_cholesky(H, cfg.damp)
     if Hinv is None:
@@ -186,20 +188,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, config: GP
     if static:  # parameters fixed before the solve, per group of consecutive original columns
         scales, zeros = integer.minmax_params(W, spec.bits, spec.symmetric, G)
     else:
-        scales = torch.empty(out_f, ng, dtype=torch.float16)
-        zeros = torch.empty(out_f, ng, dtype=torch.float16)
+        scales = torch.empty(out_f, ng, dtype=torch.float16, device=W.device)
+        zeros = torch.empty(out_f, ng, dtype=torch.float16, device=W.device)
 
     if cfg.act_order:
         W = W[:, perm]
-    group_of = perm // G if G is not None else torch.zeros(in_f, dtype=torch.long)
+    group_of = perm // G if G is not None else torch.zeros(in_f, dtype=torch.long, device=W.device)
     group_of = group_of.tolist()
 
     # The loop runs on transposed copies ([in, out]): one input column of W is one contiguous row,
     # so every per-column operation reads and writes contiguous memory.
     Wt = W.t().contiguous()
     st, zt = scales.t().float().contiguous(), zeros.t().float().contiguous()  # [n_groups, out]
-    codes = torch.empty(in_f, out_f, dtype=torch.float32)
-    Qt = torch.empty(in_f, out_f, dtype=torch.float32)
+    codes = torch.empty(in_f, out_f, dtype=torch.float32, device=W.device)
+    Qt = torch.empty(in_f, out_f, dtype=torch.float32, device=W.device)
     B = cfg.block_size
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)

@@ -51,6 +51,7 @@ from ..formats.registry import storage_bytes
 from ..formats.spec import FormatSpec
 from ..modules.names import block_index, block_names, block_prefix
 from ..modules.swap import apply_plan, select_modules, set_module, tied_pairs
+from ..placement import module_device
 
 UNITS = ("layer", "block")
 
@@ -134,7 +135,7 @@ def _quantized_modules(model: nn.Module, unit: Unit, fmt: FormatSpec) -> dict[st
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor, score_from: int) -> torch.Tensor:
-    logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
+    logits = model(input_ids=ids.to(module_device(model)).unsqueeze(0), use_cache=False).logits[0].float()
     return torch.log_softmax(logits[score_from - 1:-1], dim=-1)
 
 
@@ -252,7 +253,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
                 finally:
                     _put(model, old)
                 k = (p_ref * (ref - logp)).sum(-1).clamp_min(0)
-                kld[(f.name, u.name)].append(k.numpy().astype(np.float64))
+                kld[(f.name, u.name)].append(k.cpu().numpy().astype(np.float64))
                 done += 1
                 if progress is not None:
                     progress(done, total)

@@ -29,6 +29,7 @@ import torch
 from ..dtypes import torch_dtype
 from ..errors import QuantscopeError
 from ..fileio import sha256_file
+from ..placement import resolve_device, resolve_dtype
 from .checks import check_folder
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +45,7 @@ class ModelInfo:
     path: str  # where the weights were read from (a cache dir for GGUF sources)
     fingerprint: str  # identifies the weights (for result keys)
     dtype: str
+    device: str = "cpu"
     n_params: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -197,18 +199,28 @@ def load_config(path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: bool = False,
-               check_finite: bool = True) -> LoadedModel:
-    """Load a causal LM and its tokenizer; raise QuantscopeError with one clear line on any failure."""
+def load_model(ref: str = "default", dtype: str = "auto", trust_remote_code: bool = False,
+               check_finite: bool = True, device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer onto `device` in `dtype` (`auto`: see quantscope.placement;
+    `info.device` and `info.dtype` say what was chosen); raise QuantscopeError with one clear line on any
+    failure. On an accelerator the weights are read straight onto it (accelerate's device map), not
+    through a full copy in host memory."""
     from transformers import AutoModelForCausalLM
 
     kind, path, fp, name = resolve(ref)
     if kind == "local":
         check_folder(Path(path), trust_remote_code)
+    device = resolve_device(device)
+    own = None
+    if str(dtype).lower() == "auto" and device != "cpu":
+        mcfg = load_config(path, trust_remote_code)
+        own = getattr(mcfg, "dtype", None) or getattr(mcfg, "torch_dtype", None)
+    dtype = resolve_dtype(dtype, device, str(own) if own is not None else None)
     try:
         with _quiet():
+            placed = {} if device == "cpu" else {"device_map": {"": device}}
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code, **placed)
         tok = load_tokenizer(path, trust_remote_code)
     except QuantscopeError:
         raise
@@ -225,7 +237,7 @@ def load_model(ref: str = "default", dtype: str = "float32", trust_remote_code: 
             if not torch.isfinite(p).all():
                 raise QuantscopeError(f"model weights contain NaN or Inf ({pname}): refusing to measure a broken model")
     info = ModelInfo(ref=ref or "default", kind=kind, name=name, path=str(path), fingerprint=fp,
-                     dtype=dtype, n_params=sum(p.numel() for p in model.parameters()))
+                     dtype=dtype, device=device, n_params=sum(p.numel() for p in model.parameters()))
     if kind in ("embedded", "gguf"):
         info.notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
                           "full-precision checkpoint)")

@@ -30,6 +30,8 @@ class Record(TypedDict, total=False):
     window_start_token: int  # windows start after a calibration head cut from the same text
     scoring: str  # all-but-first | second-half
     calibration_overlap: float | None
+    device: str  # where the baseline and the format ran: cpu, cuda:N, mps (absent: cpu, before --device)
+    dtype: str  # the baseline's dtype: float32, bfloat16, float16 (absent: float32)
     # perplexity and agreement with the baseline
     tokens_scored: int
     perplexity: float
@@ -51,6 +53,7 @@ class Record(TypedDict, total=False):
     quantized_bytes: int
     bits_per_weight: float | None
     peak_rss_bytes: int
+    peak_device_bytes: int | None  # torch's peak allocation on the GPU (None on the CPU)
     rss_before_quantize_bytes: int
     quantize_peak_rss_bytes: int
     prefill_tokens_per_s: float | None

@@ -23,6 +23,7 @@ import torch
 
 from quantscope.errors import QuantscopeError
 from quantscope.evaluate.tasks.items import CLOZE, Task, TaskScores
+from quantscope.placement import module_device
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -56,14 +57,6 @@ class _Row:
 
     tokens: list[int]
     requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, continuation tokens)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _max_length(model: torch.nn.Module) -> int | None:
@@ -114,7 +107,7 @@ def loglikelihoods(
         rows.setdefault(inp, _Row(list(inp))).requests.append((i, list(cont)))
     ordered = sorted(rows.values(), key=lambda r: -len(r.tokens))
 
-    device = _model_device(model)
+    device = module_device(model)
     accepted = _accepted_kwargs(model)
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     was_training = model.training
