@@ -26,11 +26,13 @@ def add_parser(sub) -> None:
 
 
 def _marked(tokenizer, tokens: list[int], at: int) -> str:
-    """The text of `tokens` with the first differing token in [[ ]]."""
+    """The text of `tokens` on one line (newlines as \\n) with the first differing token in [[ ]]."""
+    def dec(t):
+        return tokenizer.decode(t).replace("\n", "\\n")
+
     if at >= len(tokens):
-        return tokenizer.decode(tokens)
-    return (tokenizer.decode(tokens[:at]) + "[[" + tokenizer.decode(tokens[at:at + 1]) + "]]"
-            + tokenizer.decode(tokens[at + 1:]))
+        return dec(tokens)
+    return dec(tokens[:at]) + "[[" + dec(tokens[at:at + 1]) + "]]" + dec(tokens[at + 1:])
 
 
 def run(args) -> int:

@@ -70,6 +70,8 @@ def flips(baseline_correct, correct) -> dict[str, Any]:
     Equal accuracy can hide many flips in both directions."""
     a, b = np.asarray(baseline_correct, dtype=bool), np.asarray(correct, dtype=bool)
     n = int(a.size)
+    if n == 0 or a.shape != b.shape:
+        raise ValueError(f"flips needs two aligned, non-empty answer arrays (got {a.size} and {b.size})")
     rw, wr = int((a & ~b).sum()), int((~a & b).sum())
     return {"n": n, "right_to_wrong": rw, "wrong_to_right": wr,
             "right_to_wrong_rate": rw / n, "right_to_wrong_ci": list(stats.wilson_interval(rw, n)),
