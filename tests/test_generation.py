@@ -52,7 +52,7 @@ def test_greedy_with_cache_matches_full_recompute():
 
 def test_perturbed_model_diverges_and_kld_is_direct():
     m = tiny_llama(vocab=257)
-    q = _perturbed(m)
+    q = _perturbed(m, scale=3.0)
     prompt = [10, 20, 30, 40, 50]
     ref, got = g.greedy_continuation(m, prompt, 16), g.greedy_continuation(q, prompt, 16)
     row = g.compare_prompt(ref, got, g.continuation_logprobs(m, prompt, ref), g.continuation_logprobs(q, prompt, ref))
