@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from .harness.config import DEFAULT_FORMATS, CompareConfig
+from .harness.generate import GenerateConfig, Generator, load_generator
 from .harness.pairing import add_paired_statistics, paired_tasks
 from .harness.recommend import RecommendConfig, recommend_format
 from .harness.recommend import target_and_ladder as recommend_target
@@ -35,7 +36,8 @@ __all__ = ["DEFAULT_FORMATS", "parse_memory", "CompareConfig", "compare", "defau
            "LoadedModel", "quantize", "quantize_with_report", "resolve", "Format", "QuantizeOptions", "Quantized",
            "CalibConfig", "list_formats", "SpeedConfig", "SensitivityConfig", "sensitivity", "store_sensitivity",
            "RecommendConfig", "recommend_format", "recommend_target", "SaveConfig", "save", "PlanConfig",
-           "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep"]
+           "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep", "GenerateConfig", "Generator",
+           "load_generator"]
 
 
 def quantize(model: torch.nn.Module, fmt: str | Format, include: Iterable[str] = (), exclude: Iterable[str] = (),

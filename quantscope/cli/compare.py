@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     c.add_argument("--ladder", default="int3-g128/int4-g128/int8",
                    help="formats --target-bpw/--target-bytes choose from (default int3-g128/int4-g128/int8)")
     o.add_tasks(c)
+    o.add_generation(c)
     c.add_argument("--sample-seed", type=int, default=None)
     c.add_argument("--shots", type=int, default=0, help="few-shot examples (MMLU)")
     c.add_argument("--lm-eval-task", action="append", default=[], metavar="NAME",
@@ -55,13 +56,13 @@ def config_from(args):
         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
         task_sample_seed=args.sample_seed, task_shots=args.shots, ctx_sweep=args.ctx_sweep,
         lm_eval_tasks=tuple(args.lm_eval_task), lm_eval_include=args.lm_eval_include,
-        progress=o.progress_wanted(args))
+        gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=o.progress_wanted(args))
 
 
 def run(args) -> int:
     from ..api import compare, default_run_dir
     from ..fileio import write_json_atomic
-    from ..report.terminal import comparison_table, ctx_sweep_table, record_notes, task_table
+    from ..report.terminal import comparison_table, ctx_sweep_table, generation_table, record_notes, task_table
 
     cfg = config_from(args)
     done: list[dict] = []
@@ -83,7 +84,7 @@ def run(args) -> int:
         o.out(args, f"note: {n}")
     o.out(args)
     o.out(args, comparison_table(records))
-    for extra in (task_table(records), ctx_sweep_table(records)):
+    for extra in (task_table(records), ctx_sweep_table(records), generation_table(records)):
         if extra:
             o.out(args, extra)
     for line in record_notes(records):

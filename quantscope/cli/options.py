@@ -80,6 +80,13 @@ def add_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="questions per task (first N, or a sample with --sample-seed)")
 
 
+def add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gen-prompts", default=None, metavar="FILE|default",
+                   help="generation agreement: a JSONL of {\"prompt\": ...} or {\"messages\": [...]} lines, or "
+                        "'default' (a set shipped with quantscope)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+
+
 def add_process(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     """Threads, remote code and progress: every command that loads a model."""
     p.add_argument("--threads", type=int, default=None, help="torch threads (per worker process)")

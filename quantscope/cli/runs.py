@@ -40,14 +40,14 @@ def runs(args) -> int:
 
 def show(args) -> int:
     from ..api import load_paired_run
-    from ..report.terminal import comparison_table, task_table
+    from ..report.terminal import comparison_table, generation_table, task_table
 
     run, records = load_paired_run(args.run, args.root)
     o.out(args, f"run: {run.path}  model: {run.meta.get('model', '?')}  text: {run.meta.get('text', '?')}")
     o.out(args, comparison_table(records))
-    t = task_table(records)
-    if t:
-        o.out(args, t)
+    for t in (task_table(records), generation_table(records)):
+        if t:
+            o.out(args, t)
     o.emit(args, records)
     return 0
 

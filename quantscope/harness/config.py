@@ -58,9 +58,15 @@ class CompareConfig:
     # evaluations fall back to computing the reference side by side in each worker.
     reference_cache_bytes: int = 6 * 2**30
     progress: bool = False  # progress bars with ETA on stderr (the CLI turns them on for a terminal)
+    # generation agreement: a JSONL of {"prompt"} or {"messages"} lines, or 'default' (the shipped set);
+    # each prompt's greedy continuation of gen_tokens tokens under each format against the baseline's
+    gen_prompts: str | None = None
+    gen_tokens: int = 32  # long enough for a sentence to drift, short enough for 20 prompts to be quick
 
     def __post_init__(self):
         check_threads(self.threads)
+        if self.gen_tokens < 1:
+            raise QuantscopeError(f"--gen-tokens must be at least 1, got {self.gen_tokens}")
         if self.ctx < 2:
             raise QuantscopeError(f"--ctx must be at least 2, got {self.ctx}")
         if self.windows < 1:
@@ -105,6 +111,10 @@ class Job:
     ref_mode: str = "local"  # baseline: "export" its log-probs; others: "serve" (from the parent) or "local"
     lm_eval: dict = field(default_factory=dict)  # {"tasks", "include", "limit"} for --lm-eval-task
     device: str = "cpu"  # resolved: cpu, cuda:N or mps
+    gen_prompts: tuple = ()  # --gen-prompts: each prompt's token ids
+    gen_kinds: tuple = ()  # "text" or "chat" per prompt
+    gen_tokens: int = 0
+    gen_baseline: tuple | None = None  # the baseline's continuations (the run fills them in for formats)
 
     @property
     def n_ctx(self) -> int:

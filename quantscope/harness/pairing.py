@@ -52,6 +52,11 @@ def add_paired_statistics(records: list[dict]) -> None:
                 cell["perplexity_delta"], cell["perplexity_delta_ci"] = 0.0, [0.0, 0.0]
             elif base_cell and "window_nll" in cell and "window_nll" in base_cell:
                 _perplexity_delta(cell, base_cell)
+        if "generation" in r:
+            from ..evaluate.generation import summarize
+
+            g = r["generation"]
+            r["gen_agreement"] = summarize(g, g["tokens"], g.get("kinds"))
         if "task_items" in r:
             r["tasks"] = _task_summaries(r, base)
             if r is not base and not r.get("baseline"):

@@ -204,6 +204,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     score_from = config.ctx // 2 if config.score_second_half else 1
     tasks = _load_tasks(config)
     lm_eval = _lm_eval_spec(config)
+    gen_ids, gen_kinds = _gen_prompts(config, inputs.tokenizer, max_pos)
     sweep = {}
     for L in config.ctx_sweep:
         if max_pos and L > max_pos:
@@ -219,7 +220,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     }
     ordered = [base] + [f for f in formats if f.name != base.name]
     vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
-    ref_bytes = config.windows * (config.ctx - score_from) * vocab * 4
+    ref_bytes = (config.windows * (config.ctx - score_from) + len(gen_ids) * config.gen_tokens) * vocab * 4
     cache_ref = ref_bytes <= config.reference_cache_bytes and not sweep and len(ordered) > 1
     jobs = []
     for f in ordered:
@@ -230,6 +231,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
                         include=config.include, exclude=config.exclude, speed=config.speed,
                         measure_speed=config.measure_speed, threads=config.threads, common=dict(common),
                         tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
+                        gen_prompts=gen_ids, gen_kinds=gen_kinds, gen_tokens=config.gen_tokens if gen_ids else 0,
                         ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
     if inputs.kind in ("embedded", "gguf"):
         notes.append(f"baseline = GGUF weights dequantized to {short_name(dtype).upper()} by transformers (not an "
@@ -252,6 +254,17 @@ def _load_tasks(config: CompareConfig) -> tuple:
         out.append(load_task(tname, tpath, limit=limit, sample_seed=config.task_sample_seed,
                              shots=config.task_shots if tname == "mmlu" else 0))
     return tuple(out)
+
+
+def _gen_prompts(config: CompareConfig, tokenizer, max_pos) -> tuple[tuple, tuple]:
+    """--gen-prompts encoded once: (token ids per prompt, "text"/"chat" per prompt)."""
+    if config.gen_prompts is None:
+        return (), ()
+    from ..evaluate.prompts import encode_prompts, load_prompts
+
+    _, prompts = load_prompts(config.gen_prompts)
+    ids = encode_prompts(tokenizer, prompts, config.gen_tokens, max_pos)
+    return tuple(tuple(x) for x in ids), tuple(p.kind for p in prompts)
 
 
 def _lm_eval_spec(config: CompareConfig) -> dict:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import QuantscopeError
+from ..evaluate.prompts import prompts_sha256
 from ..placement import resolve_device, resolve_dtype
 from ..results.keys import record_key
 from .config import CompareConfig, Job
@@ -44,6 +45,8 @@ def eval_spec(job: Job) -> dict:
         "ctx_sweep": sorted(job.sweep_windows),
         # only when asked: records stored before lm-eval tasks existed keep their keys
         **({"lm_eval": job.lm_eval} if job.lm_eval else {}),
+        **({"generation": {"prompts_sha256": prompts_sha256([list(p) for p in job.gen_prompts]),
+                           "tokens": job.gen_tokens}} if job.gen_prompts else {}),
         # records of runs that select more than the decoder linears were stored while a tied
         # embedding's parameters counted twice in bits_per_weight: those are measured again
         **({"tied_params": "once"} if job.include else {}),
@@ -83,10 +86,15 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO) if run_dir is not None and Path(run_dir).exists() else None
     records = []
     refs = ReferenceStore()
+    gen_base = None  # the baseline's continuations, handed to every format's job
     try:
         for job in prep.jobs:
             key = job_key(job) if run_dir is not None else None
             rec = store.get(key) if store else None
+            if job.gen_prompts and not job.is_baseline:
+                job = replace(job, gen_baseline=gen_base)
+            elif job.gen_prompts and rec is not None:  # resumed: the stored continuations, not new ones
+                job = replace(job, gen_baseline=_continuations(rec))
             if rec is not None and job.is_baseline and job.ref_mode == "export" and any(
                     not store.has(job_key(j)) for j in prep.jobs[1:]):
                 # stored, but the formats still to measure need its log-probabilities: one pass over the
@@ -105,6 +113,8 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
                     if store is None:
                         store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO)
                     store.put(key, rec)
+            if job.is_baseline and job.gen_prompts:
+                gen_base = _continuations(rec)
             if on_record:
                 on_record(rec)
             records.append(rec)
@@ -115,3 +125,7 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
         if store:
             store.close()
     return records, prep.meta
+
+
+def _continuations(rec: dict) -> tuple:
+    return tuple(tuple(c) for c in rec["generation"]["continuations"])

@@ -198,6 +198,10 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
             task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
     if job.lm_eval:
         task_items.update(_lm_eval_items(qmodel, lm.tokenizer, job.lm_eval, rec))
+    if job.gen_prompts:
+        from .agreement import measure_generation
+
+        rec["generation"] = measure_generation(qmodel, job, reference, refs)
     del reference, base, lm
     gc.collect()
     wb = weight_bytes(qmodel, storage)

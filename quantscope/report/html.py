@@ -74,6 +74,13 @@ def render_html(records: Sequence[Record], meta: dict[str, Any]) -> str:
             png = plots.tasks_png(rs)
             if png:
                 body.append(_img(png, f"task accuracy: {gtitle}"))
+    gen_headers, gen_rows = tables.generation_rows(records)
+    if gen_rows:
+        body.append("<h2>Generation agreement</h2>")
+        body.append('<p class="note">Greedy continuations of each prompt against the baseline\'s; KLD is measured '
+                    "along the baseline's continuation (teacher forced). Intervals: Wilson (exact match), paired "
+                    "bootstrap over prompts (the others).</p>")
+        body.append(_html_table(gen_headers, gen_rows))
     headers, rows, extra = tables.recommendation_rows(meta)
     if rows:
         body.append("<h2>Recommendation</h2>")

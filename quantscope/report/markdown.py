@@ -40,6 +40,11 @@ def render_markdown(records: Sequence[Record], meta: dict[str, Any]) -> str:
                 if len(groups) > 1:
                     out += [f"### {title}", ""]
                 out += [markdown_table(*tables.task_rows(rs)), ""]
+    gen_headers, gen_rows = tables.generation_rows(records)
+    if gen_rows:
+        out += ["## Generation agreement", "", "Greedy continuations of each prompt against the baseline's; KLD "
+                "is measured along the baseline's continuation (teacher forced). Intervals: Wilson (exact match), "
+                "paired bootstrap over prompts (the others).", "", markdown_table(gen_headers, gen_rows), ""]
     headers, rows, extra = tables.recommendation_rows(meta)
     if rows:
         out += ["## Recommendation", ""]

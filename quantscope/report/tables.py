@@ -99,10 +99,30 @@ def task_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]:
                 cell += f"; Δ {100 * delta + 0.0:+.1f}"
                 if dci:
                     cell += f" [{100 * dci[0]:+.1f}, {100 * dci[1]:+.1f}]"
+            fl = t.get("flips")
+            if fl and not r.get("baseline"):
+                cell += f"; flips R→W {fl['right_to_wrong']}, W→R {fl['wrong_to_right']}"
             if t.get("n") is not None:
                 cell += f" (n={t['n']})"
             row.append(cell)
         rows.append(row)
+    return headers, rows
+
+
+def generation_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]:
+    """--gen-prompts: exact match, tokens to divergence and KLD along the baseline's continuations."""
+    headers = ["format", "prompts", "tokens", "exact match [95% CI]", "tokens to divergence [95% CI]",
+               "KLD along baseline [95% CI]"]
+    rows = []
+    for r in records:
+        g = r.get("gen_agreement")
+        if not g or r.get("error"):
+            continue
+        em, dv, kd = g["exact_match_ci"], g["divergence_ci"], g["kld_ci"]
+        rows.append([format_label(r), str(g["prompts"]), str(g["tokens"]),
+                     f"{100 * g['exact_match']:.0f}% [{100 * em[0]:.0f}, {100 * em[1]:.0f}]",
+                     f"{g['divergence_mean']:.1f} [{dv[0]:.1f}, {dv[1]:.1f}]",
+                     f"{g['kld_mean']:.4f} [{kd[0]:.4f}, {kd[1]:.4f}]"])
     return headers, rows
 
 

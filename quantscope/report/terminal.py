@@ -63,6 +63,9 @@ def task_table(records: list[dict], paired_with: str = "the baseline") -> str:
                 sig = " *" if t.get("significant") else ""
                 line += (f"  Δ {100 * t['delta']:+.1f} pts [{100 * dci[0]:+.1f},{100 * dci[1]:+.1f}]{sig}"
                          f"  McNemar p={t['mcnemar_p']:.3g}")
+            fl = t.get("flips")
+            if fl and not r.get("baseline"):
+                line += f"  flips R→W {fl['right_to_wrong']} W→R {fl['wrong_to_right']} ({100 * fl['flip_rate']:.1f}%)"
             if t.get("perplexity") is not None:  # LAMBADA: the perplexity of the target word
                 line += f"  last-word ppl {t['perplexity']:.2f}±{t['perplexity_stderr']:.2f}"
                 pci = t.get("perplexity_delta_ci")
@@ -90,6 +93,28 @@ def task_table(records: list[dict], paired_with: str = "the baseline") -> str:
             for c, t in (r.get("task_categories") or {}).items():
                 members[c].update(t["tasks"])
         lines.append("  " + ", ".join(f"{c}: {' + '.join(sorted(members[c]))}" for c in cats))
+    return "\n".join(lines)
+
+
+def generation_table(records: list[dict]) -> str:
+    """--gen-prompts: per format, agreement of its greedy continuations with the baseline's."""
+    rows = [r for r in records if r.get("gen_agreement") and not r.get("error")]
+    if not rows:
+        return ""
+    g0 = rows[0]["gen_agreement"]
+    head = ["format", "exact match [95% CI]", "tokens to divergence [95% CI]", "KLD along baseline [95% CI]"]
+    body = []
+    for r in rows:
+        g = r["gen_agreement"]
+        em, dv, kd = g["exact_match_ci"], g["divergence_ci"], g["kld_ci"]
+        body.append([r["format"], f"{100 * g['exact_match']:.0f}% [{100 * em[0]:.0f},{100 * em[1]:.0f}]",
+                     f"{g['divergence_mean']:.1f} [{dv[0]:.1f},{dv[1]:.1f}]"
+                     + (" *" if g.get("divergence_delta_significant") else ""),
+                     f"{g['kld_mean']:.4f} [{kd[0]:.4f},{kd[1]:.4f}]" + (" *" if g.get("kld_significant") else "")])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = [f"\ngeneration agreement: {g0['prompts']} prompts, {g0['tokens']} greedy tokens each, vs the baseline's "
+             "(* = differs from the baseline's own: interval excludes it)"]
+    lines += ["  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *body]]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@ report, recommend and every `--json` output read.
 
 A record is a JSON-able dict (so it stores, diffs and prints as it is), typed by :class:`Record`.
 `schema_version` says which definition wrote it: 1 is every record stored before the field existed
-(same fields), 2 adds `schema_version` and `eval_seconds`. :func:`upgrade` reads any stored version
+(same fields), 2 adds `schema_version` and `eval_seconds`, 3 adds generation agreement (`generation`,
+`gen_agreement`) and answer flips in each task's summary (`tasks[name]["flips"]`). :func:`upgrade` reads any stored version
 and refuses a record written by a newer quantscope.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Record(TypedDict, total=False):
@@ -76,6 +77,10 @@ class Record(TypedDict, total=False):
     ctx_sweep: dict
     lm_eval_version: str
     gguf_tensor_types: dict
+    # --gen-prompts: per prompt, the greedy continuation and (vs the baseline's) exact match, tokens until
+    # the first divergence and mean KLD along the baseline's continuation; and their summary
+    generation: dict
+    gen_agreement: dict
 
 
 # The comparison table's fields, every one present in a measured record (None where skipped).
@@ -103,4 +108,4 @@ def upgrade(record: dict) -> Record:
 
         raise QuantscopeError(f"a record of schema version {version} was written by a newer quantscope "
                               f"(this one reads up to {SCHEMA_VERSION}): upgrade quantscope")
-    return record  # type: ignore[return-value]  (versions 1 and 2 carry the same fields)
+    return record  # type: ignore[return-value]  (versions 1-3 differ only by optional fields)

@@ -15,10 +15,11 @@ reproduces lm-eval's (v0.4) prompts and scoring so the numbers are comparable wi
 from quantscope.evaluate import stats
 from quantscope.evaluate.tasks.items import CATEGORY_NAMES, CLOZE, MULTIPLE_CHOICE, Item, Task, TaskScores
 from quantscope.evaluate.tasks.scoring import encode_pair, loglikelihoods, score_task
-from quantscope.evaluate.tasks.summaries import category_deltas, cloze_perplexity, summarize
+from quantscope.evaluate.tasks.summaries import category_deltas, cloze_perplexity, flips, summarize
 from quantscope.evaluate.tasks.table import CATEGORIES, TASKS, TaskEntry, load_task
 
 __all__ = [
+    "flips",
     "CATEGORIES", "CATEGORY_NAMES", "CLOZE", "MULTIPLE_CHOICE", "TASKS", "Item", "Task", "TaskEntry",
     "TaskScores", "category_deltas", "cloze_perplexity", "encode_pair", "load_task", "loglikelihoods",
     "score_task", "stats", "summarize",

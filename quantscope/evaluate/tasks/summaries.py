@@ -30,11 +30,12 @@ def _acc_ci(correct: np.ndarray) -> tuple[float, list[float]]:
 def summarize(
     scores: TaskScores, baseline_scores: TaskScores | None = None, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
-    """``{n, acc, acc_ci, acc_norm, acc_norm_ci, delta, delta_ci, mcnemar_p, significant}``.
+    """``{n, acc, acc_ci, acc_norm, acc_norm_ci, delta, delta_ci, mcnemar_p, significant, flips}``.
 
     Intervals are 95% Wilson intervals. ``delta`` = acc - baseline acc on the same items, with a
     paired bootstrap interval and the exact McNemar p-value; ``significant`` is True when
-    ``delta_ci`` excludes zero. Without a baseline the four comparison fields are None. For cloze
+    ``delta_ci`` excludes zero; ``flips`` counts the answers that changed (:func:`flips`). Without a
+    baseline the comparison fields are None. For cloze
     tasks (lambada) ``acc_norm`` and ``acc_norm_ci`` are None; see ``cloze_perplexity``.
     """
     acc, acc_ci = _acc_ci(scores.correct)
@@ -49,6 +50,7 @@ def summarize(
         "delta_ci": None,
         "mcnemar_p": None,
         "significant": None,
+        "flips": None,
     }
     if baseline_scores is not None:
         _check_paired(scores, baseline_scores)
@@ -58,7 +60,23 @@ def summarize(
         out["delta_ci"] = [lo, hi]
         out["mcnemar_p"] = stats.mcnemar_exact_p(int((a & ~b).sum()), int((~a & b).sum()))
         out["significant"] = stats.significant(lo, hi)
+        out["flips"] = flips(a, b)
     return out
+
+
+def flips(baseline_correct, correct) -> dict[str, Any]:
+    """Answers that changed against the baseline's (Dutta et al. 2024, "Accuracy is Not All You Need"):
+    right->wrong and wrong->right counts, their rates over all n questions with Wilson 95% intervals.
+    Equal accuracy can hide many flips in both directions."""
+    a, b = np.asarray(baseline_correct, dtype=bool), np.asarray(correct, dtype=bool)
+    n = int(a.size)
+    if n == 0 or a.shape != b.shape:
+        raise ValueError(f"flips needs two aligned, non-empty answer arrays (got {a.size} and {b.size})")
+    rw, wr = int((a & ~b).sum()), int((~a & b).sum())
+    return {"n": n, "right_to_wrong": rw, "wrong_to_right": wr,
+            "right_to_wrong_rate": rw / n, "right_to_wrong_ci": list(stats.wilson_interval(rw, n)),
+            "wrong_to_right_rate": wr / n, "wrong_to_right_ci": list(stats.wilson_interval(wr, n)),
+            "flip_rate": (rw + wr) / n, "flip_rate_ci": list(stats.wilson_interval(rw + wr, n))}
 
 
 def category_deltas(pairs: dict[str, tuple[TaskScores, TaskScores]], categories: dict[str, str],
