@@ -54,6 +54,13 @@ def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
     from .load import _quiet
 
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)  # its per-tensor bar has no switch: bound disabled for this call
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         with _quiet():
             back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -61,6 +68,9 @@ def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise QuantscopeError(f"transformers could not load the GGUF file ({type(e).__name__}: {first}): "
                               "not written") from None
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     back.eval()
     with torch.no_grad():
         return back(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
