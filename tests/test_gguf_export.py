@@ -169,3 +169,7 @@ def test_embedded_model_q4_0(tmp_path):
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # from the source GGUF
     assert fields["llama.attention.head_count_kv"].contents() == 3
+    from quantscope.model.load import load_model  # `compare --model smol.gguf` loads it like any model
+
+    back = load_model(str(out))
+    assert back.info.kind == "gguf" and back.tokenizer.encode("Hello world") == load_model().tokenizer.encode("Hello world")

@@ -50,6 +50,12 @@ def read_back(path: Path, plan) -> int:
 
 def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits [T, vocab] of `ids` under the model transformers' GGUF loader builds from `path`."""
+    with torch.no_grad():
+        return reload_model(path)(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
+
+
+def reload_model(path: Path):
+    """The model transformers' GGUF loader builds from `path` (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
     from .load import _quiet
@@ -71,9 +77,7 @@ def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
-    back.eval()
-    with torch.no_grad():
-        return back(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
+    return back.eval()
 
 
 def compare_logits(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
