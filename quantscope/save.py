@@ -1,7 +1,8 @@
 """`quantscope save`: quantize a model into one format and write a checkpoint that serving engines load.
 
 Load -> (calibrate on the head of a text) -> quantize -> write compressed-tensors (see
-:mod:`quantscope.model.export` for the format, its limits and the check made before anything appears).
+:mod:`quantscope.model.export` for the format, its limits and the check made before anything appears),
+or, when `--out` ends in ``.gguf``, a GGUF file for llama.cpp (:mod:`quantscope.model.gguf_export`).
 Bad input — unknown format, a format with no compressed-tensors encoding, an existing output folder,
 a missing model — fails with one line before the model is loaded where it can.
 """
@@ -18,7 +19,7 @@ from .quantization import Format, own_parts, resolve
 @dataclass(frozen=True)
 class SaveConfig:
     format: str  # a quantscope integer format: intN[-gG][-sym], int8, gptq-..., awq-..., mixed-... of them
-    out: str  # the checkpoint folder to create (must not exist: nothing is overwritten)
+    out: str  # the checkpoint folder to create, or a FILE.gguf (must not exist: nothing is overwritten)
     model: str = "default"  # as for compare: 'default' (embedded SmolLM2), a HF folder, a Hub id, a .gguf
     calib: str = "python-docs"  # calibration text of GPTQ/AWQ/mixed-auto: its head is used
     calib_samples: int = 128
@@ -56,7 +57,7 @@ def _integer_formats(fmt: Format) -> list[Format]:
     return parts
 
 
-def _check_geometry(model, fmt: Format, include, exclude) -> None:
+def _check_geometry(model, fmt: Format, include, exclude, gguf: bool = False) -> None:
     """Every selected linear must take the format's groups whole: refuse before minutes of quantizing."""
     from torch import nn
 
@@ -65,6 +66,10 @@ def _check_geometry(model, fmt: Format, include, exclude) -> None:
 
     mods = dict(model.named_modules())
     names = select_modules(model, include, exclude)
+    if gguf:
+        from .model.gguf_export import check_geometry
+
+        return check_geometry(model, names)
     emb = [n for n in names if isinstance(mods[n], nn.Embedding)]
     if emb:
         refuse_embedding(emb[0])
@@ -80,12 +85,17 @@ def save(config: SaveConfig):
     from .fileio import remove_stale_partials
     from .logs import torch_threads
     from .model.export import check_out_dir, import_ct
+    from .model.gguf_export import check_out_file, is_gguf_path, require_gguf_format
 
     fmt = resolve(config.format)
-    _integer_formats(fmt)
-    import_ct()  # the install hint before minutes of loading and quantizing
     out = Path(config.out)
-    check_out_dir(out)  # before minutes of loading and quantizing
+    if is_gguf_path(out):
+        require_gguf_format(fmt, [] if fmt.kind == "library" else own_parts(fmt))
+        check_out_file(out)  # before minutes of loading and quantizing
+    else:
+        _integer_formats(fmt)
+        import_ct()  # the install hint before minutes of loading and quantizing
+        check_out_dir(out)
     stale = remove_stale_partials(out)  # what a save killed with -9 left beside `out`
     with torch_threads(config.threads):
         report = _save(config, fmt, out)
@@ -102,9 +112,13 @@ def _save(config: SaveConfig, fmt: Format, out):
     from .model.load import load_model
     from .quantization import QuantizeOptions, quantize
 
+    from .model.gguf_export import is_gguf_path
+
+    gguf = is_gguf_path(out)
     lm = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
                     device=config.device)
-    _check_geometry(lm.model, fmt, config.include, config.exclude)
+    if fmt.kind != "library":
+        _check_geometry(lm.model, fmt, config.include, config.exclude, gguf)
     text = load_text(config.calib)
     ids = tokenize(lm.tokenizer, text.text)
     calib = None
@@ -119,8 +133,20 @@ def _save(config: SaveConfig, fmt: Format, out):
     check = ids[: config.check_tokens]
     if len(check) < 2:
         raise QuantscopeError(f"{text.name} has fewer than 2 tokens: nothing to check the saved model on")
+    if fmt.kind == "library":  # llamacpp-*: llama.cpp's own file (require_gguf_format let nothing else through)
+        import torch
+
+        from .model.gguf_export import copy_llamacpp
+
+        return copy_llamacpp(fmt, config.model, out, check, torch.get_num_threads())
     t0 = time.perf_counter()
     done = quantize(lm.model, fmt, QuantizeOptions(include=config.include, exclude=config.exclude,
                                                    calib=list(calib) if calib is not None else None))
     provenance.update(quantize_seconds=time.perf_counter() - t0, device=lm.info.device, dtype=lm.info.dtype)
-    return save_compressed_tensors(done.model.to("cpu"), lm.tokenizer, out, check, provenance)
+    model = done.model.to("cpu") if lm.info.device != "cpu" else done.model  # the files are written from the CPU
+    if gguf:
+        from .backends.llamacpp import gguf_source
+        from .model.gguf_export import save_gguf
+
+        return save_gguf(model, lm.tokenizer, model.config, out, check, provenance, gguf_source(config.model))
+    return save_compressed_tensors(model, lm.tokenizer, out, check, provenance)

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # every command's --json file and --out folder, checked before the work starts
             check_output_path(getattr(args, "json", None))
-            check_output_path(getattr(args, "out", None), "--out", folder=True)
+            out = getattr(args, "out", None)  # a folder, except save's FILE.gguf
+            check_output_path(out, "--out", folder=not str(out).lower().endswith(".gguf"))
             return int(args.func(args) or 0)
         except QuantscopeError as e:
             sys.stderr.write(f"quantscope: error: {one_line(e)}\n")

@@ -1,4 +1,5 @@
-"""`quantscope save`: quantize into one integer format and write a compressed-tensors checkpoint (vLLM)."""
+"""`quantscope save`: quantize into one integer format and write a compressed-tensors checkpoint (vLLM),
+or a GGUF file (llama.cpp) when --out ends in .gguf."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from . import options as o
 
 
 def add_parser(sub) -> None:
-    sv = sub.add_parser("save", help="quantize into one integer format and write a compressed-tensors checkpoint (vLLM)")
+    sv = sub.add_parser("save", help="quantize into one integer format and write a compressed-tensors checkpoint "
+                                           "(vLLM) or, with --out FILE.gguf, a GGUF file (llama.cpp)")
     sv.add_argument("format", help="intN[-gG][-sym], int8, gptq-..., awq-..., or a mixed- plan of integer formats")
-    sv.add_argument("--out", required=True, help="checkpoint folder to create (must not exist)")
+    sv.add_argument("--out", required=True, help="checkpoint folder to create, or FILE.gguf (must not exist)")
     o.add_model(sv)
     o.add_calibration(sv, default="python-docs", help="calibration text for GPTQ/AWQ/mixed-auto (its head)")
     o.add_selection(sv)
@@ -26,6 +28,8 @@ def run(args) -> int:
                      exclude=tuple(args.exclude), threads=args.threads, trust_remote_code=args.trust_remote_code,
                      device=args.device, dtype=args.dtype)
     r = save(cfg)
+    if hasattr(r, "gguf_types"):
+        return _gguf(args, r)
     o.out(args, f"wrote {r.out}: compressed-tensors pack-quantized checkpoint (vLLM, transformers), "
                 f"{r.linears} quantized linears, {fmt_bytes(r.file_bytes)} of safetensors")
     for g, v in r.groups.items():
@@ -35,6 +39,22 @@ def run(args) -> int:
     o.out(args, f"read back before it was moved into place (compressed-tensors {r.versions['compressed-tensors']} "
                 f"unpacked every layer, transformers rebuilt the model): weights identical to quantscope's (max |Δ| "
                 f"{r.max_weight_diff:g}); logits on {r.check_tokens} tokens: max |Δ| {r.max_logit_diff:.2g}")
+    for n in r.notes:
+        o.out(args, f"note: {n}")
+    o.emit(args, r.as_dict())
+    return 0
+
+
+def _gguf(args, r) -> int:
+    from ..report.fmt import fmt_bytes
+
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r.gguf_types.items()))
+    o.out(args, f"wrote {r.out}: GGUF ({r.source}'s codes), {fmt_bytes(r.file_bytes)}; tensors: {types}")
+    if r.source == "quantscope":
+        o.out(args, f"read back before it was moved into place: gguf-py read every code and scale back identical; "
+                    f"weights {'identical to' if r.exact else 'within %.2g of' % r.max_weight_diff} quantscope's")
+    o.out(args, f"transformers' GGUF loader rebuilt the model: logits on {r.check_tokens} tokens, KLD "
+                f"{r.kld:.2g} nats/token, max |Δ| {r.max_logit_diff:.2g}")
     for n in r.notes:
         o.out(args, f"note: {n}")
     o.emit(args, r.as_dict())
