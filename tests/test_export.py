@@ -175,3 +175,27 @@ def test_cli_one_line_errors(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_saved_checkpoint_is_measured_like_any_model(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """compare --model <saved folder>: its dense copy (dequantized by compressed-tensors) is the baseline,
+    and it scores what the in-memory quantized model scored on the same windows."""
+    from conftest import run_cli
+
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path / "cache"))
+    d, text = tiny_model_dir
+    code, _, err = run_cli(capsys, "save", "int4-g32", "--model", str(d), "--out", str(tmp_path / "ck"), "--quiet")
+    assert code == 0, err
+    runs = {}
+    for name, model, fmts in (("orig", d, "int4-g32"), ("saved", tmp_path / "ck", "int8")):
+        code, out, err = run_cli(capsys, "compare", "--model", str(model), "--text", str(text), "--ctx", "32",
+                                 "--windows", "3", "--no-speed", "--no-isolate", "--no-store", "--formats", fmts,
+                                 "--json", str(tmp_path / f"{name}.json"))
+        assert code == 0, err
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        runs[name] = {r["format"]: r for r in (got if isinstance(got, list) else got["records"])}
+    assert "compressed-tensors checkpoint dequantized to float32" in out
+    assert runs["saved"]["fp32"]["model"].startswith("ck (compressed-tensors")
+    assert runs["saved"]["fp32"]["perplexity"] == pytest.approx(runs["orig"]["int4-g32"]["perplexity"], rel=1e-5)
+    # a second run reads the dense copy from the cache (one folder, not rebuilt)
+    assert len(list((tmp_path / "cache" / "models").glob("ck-ct-*"))) == 1

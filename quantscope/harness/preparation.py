@@ -233,9 +233,10 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
                         tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
                         gen_prompts=gen_ids, gen_kinds=gen_kinds, gen_tokens=config.gen_tokens if gen_ids else 0,
                         ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
-    if inputs.kind in ("embedded", "gguf"):
-        notes.append(f"baseline = GGUF weights dequantized to {short_name(dtype).upper()} by transformers (not an "
-                     "original full-precision checkpoint)")
+    if inputs.kind in ("embedded", "gguf", "compressed"):
+        from ..model.load import dequantized_note
+
+        notes.append(dequantized_note(inputs.kind, dtype))
     if device != "cpu" or dtype != "float32":
         notes.append(f"baseline in {dtype} on {device}; every format runs on {device}")
     meta = {**common, "formats": [f.name for f in ordered], "notes": notes, "machine": machine_info(),

@@ -176,10 +176,10 @@ def _to_compressed_tensors(model: nn.Module) -> tuple[object, dict]:
     return qconfig, weights
 
 
-def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    """Read the checkpoint back as a serving engine does: every packed layer unpacked by compressed-tensors'
-    own decompressor under its config group's scheme, then the dense model rebuilt by transformers from
-    config.json and the file's other tensors. Returns (max weight difference, max logit difference).
+def _dense_state(path: Path, weights: dict[str, torch.Tensor] | None = None) -> tuple[dict, float]:
+    """Every packed layer of a compressed-tensors checkpoint unpacked by compressed-tensors' own
+    decompressor under its config group's scheme, plus the file's other tensors: (state dict of the
+    dense model, max difference from `weights` where given).
 
     (transformers' own dequantizing loader would be the shorter path, but transformers 5.24 applies one
     group's scheme to every layer of a checkpoint with several config groups — a mixed-precision plan —
@@ -187,9 +187,6 @@ def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, wan
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .load import _quiet
 
     cfg = json.loads((path / "config.json").read_text())
     qcfg = cfg.get("quantization_config") or {}
@@ -205,18 +202,45 @@ def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, wan
                 mod, _, param = k.rpartition(".")
                 by_module.setdefault(mod, {})[param] = h.get_tensor(k)
     state, worst = {}, 0.0
-    for name, w in weights.items():
-        if name not in scheme_of:
-            raise QuantscopeError(f"internal: {name} is in no config group of the saved checkpoint")
-        got = compressor.decompress(by_module.pop(name, {}), scheme_of[name])
+    packed = [m for m, params in by_module.items() if "weight_packed" in params or "weight_scale" in params]
+    for name in (weights if weights is not None else packed):
+        scheme = _scheme_for(name, scheme_of)
+        if scheme is None:
+            raise QuantscopeError(f"{path}: layer {name} is in no config group of the checkpoint")
+        got = compressor.decompress(by_module.pop(name, {}), scheme)
         dense = got["weight"].float()
-        if dense.shape != w.shape:
-            raise QuantscopeError(f"internal: {name} came back with shape {tuple(dense.shape)}, not {tuple(w.shape)}")
-        worst = max(worst, float((dense - w).abs().max()))
+        if weights is not None:
+            if dense.shape != weights[name].shape:
+                raise QuantscopeError(f"internal: {name} came back with shape {tuple(dense.shape)}, "
+                                      f"not {tuple(weights[name].shape)}")
+            worst = max(worst, float((dense - weights[name]).abs().max()))
         state[name + ".weight"] = dense
         if "bias" in got:
             state[name + ".bias"] = got["bias"]
     state.update({f"{mod}.{param}": t for mod, params in by_module.items() for param, t in params.items()})
+    return state, worst
+
+
+def _scheme_for(name: str, scheme_of: dict):
+    """A layer's scheme: its own name among the targets (quantscope writes those), else a `re:` pattern
+    or the class name `Linear` (llm-compressor's targets)."""
+    import re
+
+    if name in scheme_of:
+        return scheme_of[name]
+    for target, scheme in scheme_of.items():
+        if target.startswith("re:") and re.match(target[3:], name) or target == "Linear":
+            return scheme
+    return None
+
+
+def _rebuild(path: Path, state: dict):
+    """The dense model of a compressed-tensors checkpoint, from config.json (its quantization_config
+    dropped) and the decompressed state."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .load import _quiet
+
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     with _quiet():
@@ -226,7 +250,29 @@ def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, wan
     if set(missing) - tied or unexpected:
         raise QuantscopeError(f"the saved checkpoint does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
-    back.eval()
+    return back.eval()
+
+
+def dense_copy(path: Path, dest: Path) -> None:
+    """Write the dense (dequantized, float32) model of the compressed-tensors checkpoint `path` to the
+    new folder `dest`, with its tokenizer: a saved checkpoint measured like any model."""
+    import_ct()
+    from .load import _quiet
+
+    state, _ = _dense_state(path)
+    model = _rebuild(path, state)
+    with _quiet():
+        model.save_pretrained(dest, safe_serialization=True)
+    for f in path.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dest / f.name)
+
+
+def _verify(path: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """Read the checkpoint back as a serving engine does (every packed layer unpacked by compressed-tensors,
+    the dense model rebuilt by transformers). Returns (max weight difference, max logit difference)."""
+    state, worst = _dense_state(path, weights)
+    back = _rebuild(path, state)
     with torch.no_grad():
         logits = back(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
     return worst, float((logits - want).abs().max())

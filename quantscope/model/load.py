@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import torch_dtype
+from ..dtypes import torch_dtype, torch_name
 from ..errors import QuantscopeError
 from ..fileio import sha256_file
 from ..placement import resolve_device, resolve_dtype
@@ -153,6 +153,51 @@ def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
     return dest, digest
 
 
+def dequantized_note(kind: str, dtype: str) -> str:
+    """What the baseline is when the model was read from quantized files (a GGUF, a compressed-tensors checkpoint)."""
+    what = "compressed-tensors checkpoint" if kind == "compressed" else "GGUF weights"
+    return f"baseline = {what} dequantized to {torch_name(dtype)} (not an original full-precision checkpoint)"
+
+
+def _is_compressed_tensors(d: Path) -> bool:
+    try:
+        q = json.loads((d / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False  # the folder's own checks report an unreadable config.json
+    return q.get("quant_method") == "compressed-tensors"
+
+
+def compressed_cache_dir(folder: Path) -> tuple[Path, str]:
+    """The cache folder holding the dense model of a compressed-tensors checkpoint (`quantscope save`'s
+    output, or llm-compressor's), built on first use, atomically, like a GGUF file's."""
+    from .checks import check_safetensors
+    from .export import dense_copy
+
+    check_safetensors(folder)
+    digest = _dir_fingerprint(folder)
+    dest = cache_root() / "models" / f"{folder.name}-ct-{digest[:16]}"
+    if not _cache_valid(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+        try:
+            dense_copy(folder, tmp)
+            w = tmp / "model.safetensors"
+            (tmp / _MANIFEST).write_text(json.dumps({"source": str(folder), "size": w.stat().st_size,
+                                                     "sha256": sha256_file(w)}))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except QuantscopeError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise QuantscopeError(f"could not read the compressed-tensors checkpoint {folder}: "
+                                  f"{type(e).__name__}: {first}") from None
+    return dest, digest
+
+
 def _dir_fingerprint(d: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("config.json")):
@@ -175,6 +220,9 @@ def resolve(ref: str) -> tuple[str, Path | str, str, str]:
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise QuantscopeError(f"{ref} is not a Hugging Face model folder (no config.json)")
+        if _is_compressed_tensors(p):
+            d, digest = compressed_cache_dir(p)
+            return "compressed", d, "ct:" + digest, f"{p.name} (compressed-tensors, dequantized to FP32)"
         return "local", p, "dir:" + _dir_fingerprint(p), p.name
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and ref.count("/") != 1
     if looks_like_path:
@@ -238,7 +286,6 @@ def load_model(ref: str = "default", dtype: str = "auto", trust_remote_code: boo
                 raise QuantscopeError(f"model weights contain NaN or Inf ({pname}): refusing to measure a broken model")
     info = ModelInfo(ref=ref or "default", kind=kind, name=name, path=str(path), fingerprint=fp,
                      dtype=dtype, device=device, n_params=sum(p.numel() for p in model.parameters()))
-    if kind in ("embedded", "gguf"):
-        info.notes.append("baseline = GGUF weights dequantized to FP32 by transformers (not an original "
-                          "full-precision checkpoint)")
+    if kind in ("embedded", "gguf", "compressed"):
+        info.notes.append(dequantized_note(kind, dtype))
     return LoadedModel(model, tok, info)
