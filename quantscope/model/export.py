@@ -239,7 +239,7 @@ def _rebuild(path: Path, state: dict):
     dropped) and the decompressed state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .load import _quiet
+    from .quiet import quiet_loading as _quiet
 
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
@@ -257,7 +257,7 @@ def dense_copy(path: Path, dest: Path) -> None:
     """Write the dense (dequantized, float32) model of the compressed-tensors checkpoint `path` to the
     new folder `dest`, with its tokenizer: a saved checkpoint measured like any model."""
     import_ct()
-    from .load import _quiet
+    from .quiet import quiet_loading as _quiet
 
     state, _ = _dense_state(path)
     model = _rebuild(path, state)
@@ -295,7 +295,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
     tmp.mkdir()  # (mkdir, not mkdtemp: the folder gets the user's usual permissions)
     try:
         compressor = ModelCompressor.from_pretrained_model(model, PACKED_FORMAT)
-        from .load import _quiet
+        from .quiet import quiet_loading as _quiet
 
         with _quiet(), _compress_bar_off():
             compressor.compress_model(model)

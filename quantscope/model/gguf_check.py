@@ -58,7 +58,7 @@ def reload_model(path: Path):
     """The model transformers' GGUF loader builds from `path` (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    from .load import _quiet
+    from .quiet import quiet_loading as _quiet
 
     import functools
 

