@@ -340,7 +340,7 @@ def _scores(correct, norm=None, ids=None):
 
 
 def test_summarize_keys_and_paired_fields():
-    keys = {"n", "acc", "acc_ci", "acc_norm", "acc_norm_ci", "delta", "delta_ci", "mcnemar_p", "significant"}
+    keys = {"n", "acc", "acc_ci", "acc_norm", "acc_norm_ci", "delta", "delta_ci", "mcnemar_p", "significant", "flips"}
     rng = np.random.default_rng(0)
     base = (rng.random(400) < 0.7).astype(int)
     cand = base.copy()
@@ -352,6 +352,7 @@ def test_summarize_keys_and_paired_fields():
     assert set(s) == keys and s["n"] == 400
     assert s["delta"] == pytest.approx(-35 / 400)
     assert s["mcnemar_p"] == pytest.approx(tasks.stats.mcnemar_exact_p(40, 5))
+    assert (s["flips"]["right_to_wrong"], s["flips"]["wrong_to_right"]) == (40, 5)  # the discordant pairs
     assert s["delta_ci"][1] < 0 and s["significant"] is True
     json.dumps(s)  # JSON-able as it stands
     same = summarize(_scores(base), _scores(base))
