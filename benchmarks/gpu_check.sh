@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with a CUDA GPU (issue 15): the CUDA tests, then a short comparison
 # of a synthetic Llama-2-7B-shaped bf16 model in memory on the GPU. Prints tables; writes JSON under $OUT
-# (or benchmarks/results). Usage: bash benchmarks/gpu_check.sh   (about 5-10 minutes on an H100/H200)
+# (or benchmarks/results). Usage: bash benchmarks/gpu_check.sh   (not yet run: no GPU has been lent so far)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"

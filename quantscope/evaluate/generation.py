@@ -9,22 +9,13 @@ forced (one forward pass of prompt + continuation), so it does not depend on whe
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import torch
 
+from ..measure.speed import cache_kwarg, cache_of
 from ..placement import module_device
 from . import stats
-
-
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -42,7 +33,7 @@ def decode(model, prompt: list[int], n: int, temperature: float = 0.0, top_p: fl
            on_token=None, stop=()) -> list[int]:
     """Up to `n` new tokens after `prompt` with the KV cache: greedy at temperature 0, else sampled
     (top-p). `on_token(id)` sees each token as it is made; a token in `stop` ends the generation."""
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     device = module_device(model)
     out_ids: list[int] = []
     with torch.inference_mode():
@@ -54,7 +45,7 @@ def decode(model, prompt: list[int], n: int, temperature: float = 0.0, top_p: fl
                 on_token(tok)
             if tok in stop or step == n - 1:
                 break
-            out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{kw: _cache_of(out)})
+            out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{kw: cache_of(out)})
     return out_ids
 
 

@@ -26,30 +26,30 @@ class SpeedConfig:
     repeats: int = 3  # median of this many timed runs
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers >= 5.2x names the KV cache argument `cache` (older: `past_key_values`)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _cache_of(out):
+def cache_of(out):
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def _greedy(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     device = prompt.device
     synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
-    past = _cache_of(out)
+    past = cache_of(out)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     t1 = time.perf_counter()
     toks = [nxt]
     for _ in range(new_tokens - 1):
         out = model(input_ids=nxt, use_cache=True, **{kw: past})
-        past = _cache_of(out)
+        past = cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(nxt)  # (int() here would wait for the device at every step)
     synchronize(device)

@@ -81,35 +81,49 @@ def _cache_valid(d: Path) -> bool:
         return False
 
 
-def _build_gguf_cache(gguf: Path, dest: Path) -> None:
-    """Dequantize a GGUF file through transformers and save it as a safetensors model folder, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _build_cache(source: Path, dest: Path, fill, what: str) -> None:
+    """Build the cache folder `dest` atomically: `fill(tmp)` writes a safetensors model folder into a
+    temporary sibling, a manifest records the weights' size and hash, then the folder is renamed into
+    place. A failure leaves nothing; an error other than ours becomes one line naming `what`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
-        # already dequantized FP32 tensors, so drop the marker.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False
-        with _quiet():
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+        fill(tmp)
         w = tmp / "model.safetensors"
         (tmp / _MANIFEST).write_text(json.dumps(
-            {"source": str(gguf), "size": w.stat().st_size, "sha256": sha256_file(w)}))
+            {"source": str(source), "size": w.stat().st_size, "sha256": sha256_file(w)}))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, QuantscopeError) or not isinstance(e, Exception):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise QuantscopeError(f"could not read {what} {source}: {type(e).__name__}: {first}") from None
+
+
+def _dequantize_gguf(gguf: Path, tmp: Path) -> None:
+    """A GGUF file dequantized through transformers, saved as a safetensors model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized FP32 tensors, so drop the marker.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    with _quiet():
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def _build_gguf_cache(gguf: Path, dest: Path) -> None:
+    _build_cache(gguf, dest, lambda tmp: _dequantize_gguf(gguf, tmp), "GGUF file")
 
 
 def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
@@ -119,12 +133,7 @@ def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
     digest = sha256_file(gguf)
     dest = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if not _cache_valid(dest):
-        try:
-            _build_gguf_cache(gguf, dest)
-        except QuantscopeError:
-            raise
-        except Exception as e:  # a broken GGUF file
-            raise QuantscopeError(f"could not read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        _build_gguf_cache(gguf, dest)
     return dest, digest
 
 
@@ -152,24 +161,7 @@ def compressed_cache_dir(folder: Path) -> tuple[Path, str]:
     digest = _dir_fingerprint(folder)
     dest = cache_root() / "models" / f"{folder.name}-ct-{digest[:16]}"
     if not _cache_valid(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-        try:
-            dense_copy(folder, tmp)
-            w = tmp / "model.safetensors"
-            (tmp / _MANIFEST).write_text(json.dumps({"source": str(folder), "size": w.stat().st_size,
-                                                     "sha256": sha256_file(w)}))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except QuantscopeError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise QuantscopeError(f"could not read the compressed-tensors checkpoint {folder}: "
-                                  f"{type(e).__name__}: {first}") from None
+        _build_cache(folder, dest, lambda tmp: dense_copy(folder, tmp), "the compressed-tensors checkpoint")
     return dest, digest
 
 
