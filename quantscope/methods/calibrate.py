@@ -152,58 +152,14 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
             report["notes"].append(f"{len(outside)} selected module(s) outside the decoder blocks "
                                    f"rounded to nearest ({spec.rtn().name}), not calibrated")
         xs, rests = capture_inputs(model, layers[0], _batches(seqs, cfg.batch_size))
-        calib_dtype = GPTQConfig.from_spec(spec).calib_dtype  # "-bf16fwd" in the name; AWQ: float32
-        fwd_dtype = getattr(torch, calib_dtype)
-        if fwd_dtype != torch.float32:
-            memo: dict = {}
-            xs = [x.to(fwd_dtype) for x in xs]
-            rests = [cast_floats(r, fwd_dtype, memo) for r in rests]
-            report["calib_dtype"] = calib_dtype
-            report["notes"].append(f"calibration forward passes in {calib_dtype} (weights solved from "
-                                   "their float32 values, Hessians accumulated in float32/float64)")
+        xs, rests, fwd_dtype = forward_inputs(spec, xs, rests, report)
         stage_cache: dict = {}
         for i, block in enumerate(layers):
             t0 = time.perf_counter()
-            local = per_block[i]
-            bprefix = f"{prefix}.{i}."
-            pre: dict[str, QuantizedTensor] = {}
-            saved, masters = None, None
-            if fwd_dtype != torch.float32:  # float32 originals of everything the cast below rounds
-                saved = {k: v for k, v in block.state_dict().items()}
-                masters = {n: saved[f"{n}.weight"] for n in local}
-                block.to(fwd_dtype)
-            if local:
-                key = (type(block), tuple(local))
-                if key not in stage_cache:
-                    stage_cache[key] = find_stages(block, local, xs[0], rests[0])
-                stages, uncalled = stage_cache[key]
-                if spec.method in ("gptq", "awq+gptq") and ("parts", key) not in stage_cache:
-                    stage_cache["parts", key] = _parts_match(block, local, xs[0], rests[0])
-                outputs_done, path = False, "block"
-                if spec.method == "awq":
-                    awq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre, cfg.awq)
-                else:
-                    if spec.method == "awq+gptq":
-                        awq_scale(block, stages, spec, xs, rests, bprefix, report["layers"], cfg.awq)
-                    if stage_cache["parts", key]:
-                        gptq_parts(block, local, spec, xs, rests, bprefix, report["layers"], pre, masters)
-                        outputs_done, path = True, "parts"
-                    else:
-                        gptq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre, masters)
-                for n in uncalled:
-                    report["notes"].append(f"{bprefix}{n} never ran on the calibration data: rounded to nearest")
-            else:
-                outputs_done, path = False, "none"
-            if not outputs_done:  # this block's outputs are the next block's inputs
-                for j in range(len(xs)):
-                    xs[j] = run_block(block, xs[j], rests[j])
-            if saved is not None:  # back to float32, with the exact original values
-                block.to(torch.float32)
-                block.load_state_dict(saved)
-            if local:
-                apply_plan(block, {n: spec if n in pre else spec.rtn() for n in local}, precomputed=pre)
+            path = calibrate_block(block, per_block[i], spec, xs, rests, f"{prefix}.{i}.", report, stage_cache,
+                                   fwd_dtype, cfg)
             secs = time.perf_counter() - t0
-            report["blocks"].append({"block": i, "seconds": secs, "layers": len(local), "path": path})
+            report["blocks"].append({"block": i, "seconds": secs, "layers": len(per_block[i]), "path": path})
             if progress is not None:
                 progress(i + 1, len(layers), f"block {i + 1}/{len(layers)} {secs:.1f}s")
     report["fallbacks"] = [{"layer": n, "warning": r["fallback"]}
@@ -212,3 +168,66 @@ def quantize_calibrated(model: nn.Module, spec: FormatSpec, calib: list[torch.Te
     report["total_seconds"] = time.perf_counter() - t_start
     model.train(was_training)
     return model, report
+
+
+def forward_inputs(spec: FormatSpec, xs: list[torch.Tensor], rests: list, report: dict):
+    """The captured block inputs in the dtype of the calibration forward passes ("-bf16fwd" in the name:
+    bfloat16; AWQ and plain GPTQ: float32, as captured): (xs, rests, dtype), the report noting a cast."""
+    calib_dtype = GPTQConfig.from_spec(spec).calib_dtype
+    fwd_dtype = getattr(torch, calib_dtype)
+    if fwd_dtype != torch.float32:
+        memo: dict = {}
+        xs = [x.to(fwd_dtype) for x in xs]
+        rests = [cast_floats(r, fwd_dtype, memo) for r in rests]
+        report["calib_dtype"] = calib_dtype
+        report["notes"].append(f"calibration forward passes in {calib_dtype} (weights solved from "
+                               "their float32 values, Hessians accumulated in float32/float64)")
+    return xs, rests, fwd_dtype
+
+
+def calibrate_block(block: nn.Module, local: list[str], spec: FormatSpec, xs: list[torch.Tensor], rests: list,
+                    bprefix: str, report: dict, stage_cache: dict, fwd_dtype: torch.dtype = torch.float32,
+                    config: CalibConfig | None = None) -> str:
+    """One decoder block of the sequential loop: its linears `local` (block-local names) solved with
+    `spec`'s method on the block's calibration inputs `xs` and replaced by QuantLinears, and `xs`
+    overwritten with the quantized block's outputs (the next block's inputs). The streamed path calls
+    it once per block as the blocks are read; `stage_cache` is shared across the blocks of one run.
+    Returns the path taken ("parts", "block" or "none")."""
+    cfg = config or CalibConfig()
+    pre: dict[str, QuantizedTensor] = {}
+    saved, masters = None, None
+    with torch.no_grad():
+        if fwd_dtype != torch.float32:  # float32 originals of everything the cast below rounds
+            saved = {k: v for k, v in block.state_dict().items()}
+            masters = {n: saved[f"{n}.weight"] for n in local}
+            block.to(fwd_dtype)
+        outputs_done, path = False, "none"
+        if local:
+            key = (type(block), tuple(local))
+            if key not in stage_cache:
+                stage_cache[key] = find_stages(block, local, xs[0], rests[0])
+            stages, uncalled = stage_cache[key]
+            if spec.method in ("gptq", "awq+gptq") and ("parts", key) not in stage_cache:
+                stage_cache["parts", key] = _parts_match(block, local, xs[0], rests[0])
+            path = "block"
+            if spec.method == "awq":
+                awq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre, cfg.awq)
+            else:
+                if spec.method == "awq+gptq":
+                    awq_scale(block, stages, spec, xs, rests, bprefix, report["layers"], cfg.awq)
+                if stage_cache["parts", key]:
+                    gptq_parts(block, local, spec, xs, rests, bprefix, report["layers"], pre, masters)
+                    outputs_done, path = True, "parts"
+                else:
+                    gptq_block(block, stages, spec, xs, rests, bprefix, report["layers"], pre, masters)
+            for n in uncalled:
+                report["notes"].append(f"{bprefix}{n} never ran on the calibration data: rounded to nearest")
+        if not outputs_done:  # this block's outputs are the next block's inputs
+            for j in range(len(xs)):
+                xs[j] = run_block(block, xs[j], rests[j])
+        if saved is not None:  # back to float32, with the exact original values
+            block.to(torch.float32)
+            block.load_state_dict(saved)
+        if local:
+            apply_plan(block, {n: spec if n in pre else spec.rtn() for n in local}, precomputed=pre)
+    return path
