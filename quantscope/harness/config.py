@@ -62,6 +62,9 @@ class CompareConfig:
     # each prompt's greedy continuation of gen_tokens tokens under each format against the baseline's
     gen_prompts: str | None = None
     gen_tokens: int = 32  # long enough for a sentence to drift, short enough for 20 prompts to be quick
+    # streamed evaluation (harness.stream): the model read block by block, every format in one pass, never
+    # whole in memory. None: chosen when the planner's in-memory estimate exceeds the memory available
+    stream: bool | None = None
 
     def __post_init__(self):
         check_threads(self.threads)
@@ -115,6 +118,7 @@ class Job:
     gen_kinds: tuple = ()  # "text" or "chat" per prompt
     gen_tokens: int = 0
     gen_baseline: tuple | None = None  # the baseline's continuations (the run fills them in for formats)
+    streamed: bool = False  # measured by the streamed pass (harness.stream), not by a worker of its own
 
     @property
     def n_ctx(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -219,6 +219,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
         "calibration_overlap": overlap, "device": device, "dtype": dtype, **versions(),
     }
     ordered = [base] + [f for f in formats if f.name != base.name]
+    streamed = _choose_stream(config, inputs, [f.name for f in ordered], dtype, notes)
     vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
     ref_bytes = (config.windows * (config.ctx - score_from) + len(gen_ids) * config.gen_tokens) * vocab * 4
     cache_ref = ref_bytes <= config.reference_cache_bytes and not sweep and len(ordered) > 1
@@ -233,6 +234,11 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
                         tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
                         gen_prompts=gen_ids, gen_kinds=gen_kinds, gen_tokens=config.gen_tokens if gen_ids else 0,
                         ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
+    if streamed:
+        from .stream import check_streamable
+
+        check_streamable(ordered[1:], getattr(mcfg, "model_type", None), jobs[0])
+        jobs = [replace(j, streamed=True, measure_speed=False) for j in jobs]
     if inputs.kind in ("embedded", "gguf", "compressed"):
         from ..model.load import dequantized_note
 
@@ -279,3 +285,36 @@ def _lm_eval_spec(config: CompareConfig) -> dict:
         raise QuantscopeError(f"--lm-eval-include {include}: not a directory of lm-eval task YAML files")
     return {"tasks": list(config.lm_eval_tasks), "include": include and os.path.abspath(include),
             "limit": config.task_limit}
+
+
+def _choose_stream(config: CompareConfig, inputs: Inputs, formats: list[str], dtype: str, notes: list[str]) -> bool:
+    """Whether this run is streamed: as asked, or (not asked) when the planner's in-memory estimate
+    exceeds the memory available. Either way a run that does not fit even streamed is refused here."""
+    if config.stream is False:
+        return False
+    from ..dtypes import short_name
+    from ..measure.machine import available_memory_bytes
+    from ..plan.stream import stream_plan
+
+    if inputs.kind == "hub" or not list(Path(inputs.path).glob("*.safetensors")):
+        if config.stream:
+            raise QuantscopeError(f"--stream reads safetensors shards from a local folder; {config.model} has none "
+                                  "(download it first, or run without --stream)")
+        return False
+    try:
+        plan = stream_plan(inputs.model_config.to_dict(), formats, config.windows, config.ctx, short_name(dtype),
+                           config.calib_samples, config.calib_seqlen)
+    except QuantscopeError:  # an architecture the planner does not know: no automatic choice
+        plan = None
+    avail = available_memory_bytes()
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    if config.stream is None:
+        if plan is None or avail is None or plan.in_memory_bytes <= avail:
+            return False
+        notes.append(f"streamed: in memory this run needs about {gib(plan.in_memory_bytes)} (planner) and "
+                     f"{gib(avail)} is available; --no-stream runs it in memory anyway")
+    if plan is not None and avail is not None and plan.total_bytes > avail:
+        raise QuantscopeError(f"{config.model} does not fit even streamed: one block in flight "
+                              f"({gib(plan.in_flight_bytes)}) with the rest needs about {gib(plan.total_bytes)}, "
+                              f"{gib(avail)} is available")
+    return True

@@ -45,6 +45,7 @@ def eval_spec(job: Job) -> dict:
         "ctx_sweep": sorted(job.sweep_windows),
         # only when asked: records stored before lm-eval tasks existed keep their keys
         **({"lm_eval": job.lm_eval} if job.lm_eval else {}),
+        **({"streamed": True} if job.streamed else {}),
         **({"generation": {"prompts_sha256": prompts_sha256([list(p) for p in job.gen_prompts]),
                            "tokens": job.gen_tokens}} if job.gen_prompts else {}),
         # records of runs that select more than the decoder linears were stored while a tied
@@ -60,6 +61,8 @@ def job_key(job: Job) -> str:
 def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str:
     """`quantscope-runs/<model>-<text>-<hash of the evaluation settings>`: the same command resumes."""
     settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_NAME}
+    if settings.get("stream") is None:  # named as before --stream existed
+        settings.pop("stream", None)
     device = resolve_device(config.device)
     if device == "cpu":  # named as before --device existed: `auto` and `cpu` on a CPU machine are one run
         settings.pop("device")
@@ -84,6 +87,8 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     # an existing run directory is opened up front (to reuse its records); a new one only once the
     # baseline has been measured, so a run that fails on bad input leaves nothing behind
     store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO) if run_dir is not None and Path(run_dir).exists() else None
+    if prep.jobs[0].streamed:
+        return _compare_streamed(prep, store, run_dir, on_record), prep.meta
     records = []
     refs = ReferenceStore()
     gen_base = None  # the baseline's continuations, handed to every format's job
@@ -129,3 +134,49 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
 
 def _continuations(rec: dict) -> tuple:
     return tuple(tuple(c) for c in rec["generation"]["continuations"])
+
+
+def _compare_streamed(prep, store, run_dir, on_record) -> list[dict]:
+    """The streamed pass (harness.stream) over the baseline and every format not already stored; the
+    baseline is streamed again whenever a format is (its hidden states are every format's reference)."""
+    from ..results.store import RunStore
+    from .stream import stream_jobs
+
+    keys = [job_key(j) if run_dir is not None else None for j in prep.jobs]
+    stored = [store.get(k) if store else None for k in keys]
+    todo = [j for j, r in zip(prep.jobs, stored) if r is None]
+    if todo and not todo[0].is_baseline:
+        todo = [prep.jobs[0], *todo]
+    try:
+        fresh = {}
+        if todo:
+            bar = None
+            if prep.config.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc="streamed: blocks", unit="block", leave=False)
+            step = (lambda done, total, label: (setattr(bar, "total", total), bar.update(1))) if bar else None  # noqa: E731
+            recs = stream_jobs(todo, prep.inputs.model_config, progress=step)
+            if bar is not None:
+                bar.close()
+            fresh = {r["format"]: r for r in recs}
+        records = []
+        for job, key, rec in zip(prep.jobs, keys, stored):
+            if rec is not None:
+                rec = dict(rec, reused=True)
+            else:
+                rec = fresh[job.format]
+                if run_dir is not None:
+                    if store is None:
+                        store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO)
+                    store.put(key, rec)
+            if on_record:
+                on_record(rec)
+            records.append(rec)
+        add_paired_statistics(records)
+        if store:
+            store.update_meta({"last_formats": [r["format"] for r in records]})
+    finally:
+        if store:
+            store.close()
+    return records

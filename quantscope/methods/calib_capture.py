@@ -31,15 +31,16 @@ def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tensor]):
+def capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tensor], device=None):
     """Inputs of the first decoder block per batch: hidden states, and (args, kwargs) for the rest.
     Keyword arguments depend only on the batch shape (no padding mask is passed), so batches of one
-    shape share one dict."""
+    shape share one dict. The token batches go to `device`, by default the first block's (a streamed
+    model's blocks are on the meta device until read: it passes the embedding's)."""
     def hook(_mod, args, kwargs):
         raise _Caught(args, kwargs)
 
     xs, rest, shared = [], [], {}
-    device = module_device(first)  # the token batches go where the model is
+    device = device if device is not None else module_device(first)  # the token batches go where the model is
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in batches:
