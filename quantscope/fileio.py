@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """Where quantscope caches what it builds (dequantized models, sensitivity scans, CPU kernels)."""
+    return Path(os.environ.get("QUANTSCOPE_CACHE", Path.home() / ".cache" / "quantscope"))
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text through a temp file in the same folder and a rename: a reader (or a killed run)
     sees the old file or the new one, never half of one."""

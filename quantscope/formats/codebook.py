@@ -66,7 +66,8 @@ def _double_quant(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
             "absmax_scale": scale.float().contiguous(), "absmax_offset": offset.reshape(1).float()}
 
 
-def _absmax(t: dict[str, torch.Tensor]) -> torch.Tensor:
+def block_absmax(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The stored per-block absmaxes as fp32 [out, n_blocks] (the second level undone for -dq)."""
     if "absmax" in t:
         return t["absmax"].float()
     q = t["absmax_q"]
@@ -84,7 +85,7 @@ def quantize(w: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
         t = _double_quant(amax)
     else:
         t = {"absmax": amax.half().contiguous()}
-    stored = _absmax(t)  # quantize against exactly what is stored
+    stored = block_absmax(t)  # quantize against exactly what is stored
     x = (wb / stored.unsqueeze(-1)).reshape(out_f, -1)[:, :in_f]
     codes = nearest_code(x, codebook(spec.variant, x.device))
     t["qweight"] = pack_bits(codes, 4)
@@ -94,7 +95,7 @@ def quantize(w: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
 def dequantize(t: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int],
                rows: torch.Tensor | None = None) -> torch.Tensor:
     _, in_f = shape
-    absmax = _absmax(t)
+    absmax = block_absmax(t)
     packed = t["qweight"]
     if rows is not None:
         absmax, packed = absmax[rows], packed[rows]

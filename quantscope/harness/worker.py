@@ -25,6 +25,7 @@ from ..logs import quiet_libraries, torch_threads
 from ..quantization import QuantizeOptions, quantize, resolve
 from ..results.record import error_record, new_record
 from .config import Job
+from .timings import Timings, kernel_label
 
 
 def _malloc_trim():
@@ -127,8 +128,10 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     fmt = resolve(job.format)
     rec = new_record(format=job.format, baseline=job.is_baseline, **job.common)
     notes: list[str] = []
+    clock = Timings()
     reset_peak_device(job.device)  # (inline runs share the process: this format's peak only)
-    lm = load_model(job.model_path, dtype=job.dtype, trust_remote_code=job.trust_remote_code, device=job.device)
+    with clock("load"):
+            lm = load_model(job.model_path, dtype=job.dtype, trust_remote_code=job.trust_remote_code, device=job.device)
     base = lm.model
     selected = select_modules(base, job.include, job.exclude)
     mods = dict(base.named_modules())
@@ -159,6 +162,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
             rec["rss_before_quantize_bytes"] = rss_before
             rec["quantize_peak_rss_bytes"] = peak_rss_bytes()
         qmodel, storage, qsec = done.model, done.storage, done.seconds
+        clock.add("quantize", qsec)
         notes.extend(done.notes)
         rec.update(done.record)
         lm.model = qmodel  # a backend that replaced the torch model lets the baseline's weights go
@@ -176,40 +180,47 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
         if step is not None:
             step(n)
 
-    t0 = time.perf_counter()
-    scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
-                           progress=after_window, export=export)
-    eval_seconds = time.perf_counter() - t0
+    # the baseline's pass is the reference pass: the log-probabilities every other format is compared with
+    with clock("reference" if job.is_baseline else "evaluate") as t_eval:
+        scores = score_windows(qmodel, job.windows, reference=reference, score_from=job.score_from,
+                               progress=after_window, export=export)
     if bar is not None:
         bar.close()
     rec.update(scores.summary())
-    rec["eval_seconds"] = eval_seconds
+    rec["eval_seconds"] = t_eval.seconds
+    rec["eval_tokens_per_s"] = scores.n_tokens / t_eval.seconds if t_eval.seconds > 0 else None
     if job.is_baseline:
         rec.update({"kld_mean": 0.0, "kld_stderr": 0.0, "kld_p99": 0.0, "kld_median": 0.0,
                     "top1_agreement": 1.0, "window_kld": [0.0] * len(job.windows)})
         notes.append("reference row: KL divergence is measured against this model")
     if job.sweep_windows:
-        rec["ctx_sweep"] = _ctx_sweep(qmodel, job, reference)
+        with clock("ctx_sweep"):
+            rec["ctx_sweep"] = _ctx_sweep(qmodel, job, reference)
     task_items = {}
     if job.tasks:
         from ..evaluate.tasks import score_task
 
-        for task in job.tasks:
-            task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
+        with clock("tasks"):
+            for task in job.tasks:
+                task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
     if job.lm_eval:
-        task_items.update(_lm_eval_items(qmodel, lm.tokenizer, job.lm_eval, rec))
+        with clock("lm_eval"):
+            task_items.update(_lm_eval_items(qmodel, lm.tokenizer, job.lm_eval, rec))
     if job.gen_prompts:
         from .agreement import measure_generation
 
-        rec["generation"] = measure_generation(qmodel, job, reference, refs)
+        with clock("generation"):
+            rec["generation"] = measure_generation(qmodel, job, reference, refs)
     del reference, base, lm
     gc.collect()
     wb = weight_bytes(qmodel, storage)
     rec.update({"weight_bytes": wb, "quantized_params": sel_params, "quantized_bytes": wb - other_bytes,
                 "bits_per_weight": 8.0 * (wb - other_bytes) / sel_params if sel_params else None,
                 "quantize_seconds": qsec})
+    rec["kernel"] = kernel_label(qmodel, fmt, job.device)
     if job.measure_speed:
-        rec.update({k: v for k, v in measure_speed(qmodel, job.windows[0], job.speed).items() if k != "generated"})
+        with clock("speed"):
+            rec.update({k: v for k, v in measure_speed(qmodel, job.windows[0], job.speed).items() if k != "generated"})
     else:
         rec["prefill_tokens_per_s"] = rec["decode_tokens_per_s"] = None
     rec["peak_rss_bytes"] = max(peak_before, peak_rss_bytes())
@@ -220,6 +231,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     if task_items:
         rec["task_items"] = {k: v.to_dict() for k, v in task_items.items()}
     rec["notes"] = notes
+    rec["timings"] = clock.seconds
     return rec
 
 
@@ -254,11 +266,14 @@ def _lm_eval_items(model, tokenizer, spec: dict, rec: dict) -> dict:
             if "per_item" in out["tasks"][name] and "acc" in out["tasks"][name]["per_item"]}
 
 
-def _worker_main(job: Job, conn) -> None:
+def _worker_main(job: Job, conn, spawned_at: float) -> None:
+    started = time.time()  # (wall clocks: the parent's and this process's agree)
     become_worker()  # Ctrl-C is the parent's to report; it stops this process
     with quiet_libraries():
         try:
-            conn.send(("ok", measure_format(job, refs=_PipeReference(conn))))
+            rec = measure_format(job, refs=_PipeReference(conn))
+            rec.setdefault("timings", {})["startup"] = max(0.0, started - spawned_at)
+            conn.send(("ok", rec))
         except QuantscopeError as e:
             conn.send(("error", str(e)))
         except Exception as e:  # a format that fails is a row with its reason, not a failed run
@@ -276,13 +291,17 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
     if job.ref_mode == "serve" and not refs.windows:
         job = replace(job, ref_mode="local")  # no baseline pass here to serve from: compute side by side
     if not isolate:
+        t0 = time.perf_counter()
         try:
-            return measure_format(job, refs=refs)
+            rec = measure_format(job, refs=refs)
+            rec.setdefault("timings", {})["total"] = time.perf_counter() - t0
+            return rec
         except QuantscopeError as e:
             return error_record(job.format, job.is_baseline, job.common, str(e))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=True)
-    p = ctx.Process(target=_worker_main, args=(job, child), daemon=True)
+    spawned_at = time.time()
+    p = ctx.Process(target=_worker_main, args=(job, child, spawned_at), daemon=True)
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # (it unblocks SIGINT the first time it starts)
@@ -317,4 +336,7 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
                if code is not None and code < 0 else f"exit code {code}")
         return error_record(job.format, job.is_baseline, job.common, f"worker process died ({why})")
     status, payload = msg
-    return payload if status == "ok" else error_record(job.format, job.is_baseline, job.common, payload)
+    if status != "ok":
+        return error_record(job.format, job.is_baseline, job.common, payload)
+    payload.setdefault("timings", {})["total"] = time.time() - spawned_at
+    return payload

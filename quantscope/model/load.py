@@ -26,7 +26,7 @@ import torch
 
 from ..dtypes import torch_dtype, torch_name
 from ..errors import QuantscopeError
-from ..fileio import sha256_file
+from ..fileio import cache_root, sha256_file  # noqa: F401  (cache_root: re-exported)
 from ..placement import resolve_device, resolve_dtype
 from .checks import check_folder
 from .quiet import quiet_loading as _quiet
@@ -54,10 +54,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTSCOPE_CACHE", Path.home() / ".cache" / "quantscope"))
 
 
 def embedded_gguf_path() -> Path:

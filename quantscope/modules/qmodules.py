@@ -1,9 +1,11 @@
-"""Modules that hold quantized storage and dequantize in their forward pass.
+"""Modules that hold quantized storage and compute from it.
 
 `QuantLinear` keeps exactly the tensors of a :class:`QuantizedTensor` (packed codes, scales, zeros) as
 buffers, so the model in memory is as small as the format, and a `state_dict` holds the packed form.
-Dequantizing on every forward is the honest cost of weight-only quantization without fused kernels on
-this CPU; speed rows measure it.
+Its forward takes one of two paths: a kernel that reads the packed codes (:mod:`.cpu_kernels`, for a
+few rows of fp32 activations on the CPU: decoding) where the format has one, else the reference path,
+which dequantizes the weight to fp32 and calls the fp32 matmul (evaluation windows, other devices,
+formats without a kernel). :func:`kernels_used` names what a model's layers run, for the records.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from torch import nn
 from ..formats.qtensor import QuantizedTensor
 from ..formats.registry import family_of
 from ..formats.spec import FormatSpec
-
-
-_INT8_KERNEL_MAX_ROWS = 4  # above this, dequantize + fp32 matmul is faster on this CPU
+from . import cpu_kernels
 
 
 class _QuantStorage(nn.Module):
@@ -38,6 +38,25 @@ class _QuantStorage(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         return family_of(self.spec).dequantize(self.storage(), self.spec, self.qshape, rows)
 
+    def _linear(self, x: torch.Tensor, width: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """x times this storage's weight transposed: the packed-code kernel for a few fp32 rows on the
+        CPU (decoding); else the fp32 weight — dequantized by the kernel library where it can (the same
+        values, faster) — and the matmul."""
+        k = self.kernel
+        usable = (k is not None and self.use_kernel and x.device.type == "cpu" and x.dtype == torch.float32
+                  and not (x.requires_grad and torch.is_grad_enabled()) and cpu_kernels.available())
+        if usable and x.numel() <= k.max_rows * width:
+            y = cpu_kernels.matvec(k, x.reshape(-1, width), self.storage(), self.spec, self.qshape)
+            y = y.reshape(*x.shape[:-1], out_features)
+            return y + bias if bias is not None else y
+        w = cpu_kernels.dequantize(k, self.storage(), self.spec, self.qshape) if usable else self.dequantized_weight()
+        return nn.functional.linear(x, w.to(x.dtype), bias)
+
+    def kernel_name(self, device: str = "cpu") -> str:
+        """What a decode step of this layer runs on `device`: the kernel's name, or "ref"."""
+        ok = self.kernel is not None and self.use_kernel and device == "cpu" and cpu_kernels.available()
+        return self.kernel.name if ok else cpu_kernels.REF
+
 
 class QuantLinear(_QuantStorage):
     """A linear layer whose weight is stored in a quantscope format."""
@@ -46,9 +65,8 @@ class QuantLinear(_QuantStorage):
         super().__init__()
         self._init_storage(qt)
         self.out_features, self.in_features = qt.shape
-        s = qt.spec
-        self._int8_kernel = (s.family == "int" and s.bits == 8 and s.symmetric and s.group_size is None
-                             and hasattr(torch, "_weight_int8pack_mm"))
+        self.kernel = cpu_kernels.kernel_for(qt.spec, qt.shape)
+        self.use_kernel = True  # False: always the reference path (tests and benchmarks compare the two)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -56,16 +74,7 @@ class QuantLinear(_QuantStorage):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        if self._int8_kernel and x.dtype == torch.float32 and x.numel() <= _INT8_KERNEL_MAX_ROWS * self.in_features:
-            # per-channel symmetric int8, a few rows (decoding): torch's CPU int8 weight-only matmul, no
-            # dequantized copy. Its cost grows linearly with the rows (0.69 s for 512 rows of a 1536x576
-            # layer vs 0.03 s dequantize + sgemm, measured here), so prefill takes the dequantize path.
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight,
-                                          self.scales.reshape(-1).to(torch.float32))
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + b if b is not None else y
-        w = self.dequantized_weight().to(x.dtype)
-        return nn.functional.linear(x, w, b)
+        return self._linear(x, self.in_features, self.out_features, b)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.spec.name}"
@@ -79,6 +88,8 @@ class QuantEmbedding(_QuantStorage):
         self._init_storage(qt)
         self.num_embeddings, self.embedding_dim = qt.shape
         self.padding_idx = padding_idx
+        self.kernel = cpu_kernels.kernel_for(qt.spec, qt.shape)  # used by a tied head, not by lookups
+        self.use_kernel = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -99,7 +110,30 @@ class TiedQuantHead(nn.Module):
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.embedding.dequantized_weight().to(x.dtype))
+        return self.embedding._linear(x, self.in_features, self.out_features, None)
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> None:
+    """Let every quantized layer of `model` use its packed-code kernel (True, the default) or always
+    take the reference path (False): the fast and the reference outputs can then be compared."""
+    for m in model.modules():
+        if isinstance(m, _QuantStorage):
+            m.use_kernel = enabled
+
+
+def kernels_used(model: nn.Module, device: str = "cpu") -> dict[str, int]:
+    """{kernel name: number of quantized layers} that a decode step of `model` on `device` runs
+    ("ref": dequantize + fp32 matmul). Empty for a model without quantscope layers."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            name = m.kernel_name(device)
+        elif isinstance(m, TiedQuantHead):
+            name = m.embedding.kernel_name(device)
+        else:
+            continue
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 def ragged_layers(model: nn.Module) -> list[tuple[str, int, int]]:

@@ -59,3 +59,16 @@ def fmt_pm(value: Any, stderr: Any) -> str:
         return f"({v / 10**scale:.{decimals}f} ± {se / 10**scale:.{decimals}f})e{scale}"
     decimals = max(0, -exponent)
     return f"{v:.{decimals}f} ± {se:.{decimals}f}"
+
+
+# beside a speed figure when the format has no kernel that reads its packed weights here (schema 4 records)
+REF_NOTE = ("ref: no kernel reads this format's packed weights here; its speed is the reference path "
+            "(dequantize + fp32 matmul on every call), not the format's")
+
+
+def speed_mark(record: dict) -> str:
+    """" ref" when every quantized layer of the record ran the reference path, " part-ref" when some did."""
+    k = str(record.get("kernel") or "")
+    if k == "ref":
+        return " ref"
+    return " part-ref" if "ref x" in k else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from quantscope.report.fmt import MISSING, fmt_bytes, fmt_num, fmt_pct, fmt_pm, num
+from quantscope.report.fmt import MISSING, fmt_bytes, fmt_num, fmt_pct, fmt_pm, num, speed_mark
 from quantscope.results.record import Record
 
 SENSITIVITY_TOP = 30  # layers shown in the sensitivity table and chart (the most sensitive ones)
@@ -44,8 +44,8 @@ def comparison_rows(records: Iterable[Record]) -> tuple[tuple[str, ...], list[li
             fmt_pm(r.get("perplexity"), r.get("perplexity_stderr")),
             fmt_pm(r.get("kld_mean"), r.get("kld_stderr")),
             fmt_pct(r.get("top1_agreement")),
-            fmt_num(r.get("prefill_tokens_per_s"), 1),
-            fmt_num(r.get("decode_tokens_per_s"), 1),
+            fmt_num(r.get("prefill_tokens_per_s"), 1) + speed_mark(r),
+            fmt_num(r.get("decode_tokens_per_s"), 1) + speed_mark(r),
             fmt_num(r.get("quantize_seconds"), 2),
             _bytes(r.get("peak_rss_bytes")),
             note,

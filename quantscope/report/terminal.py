@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .fmt import fmt_bytes
+from .fmt import REF_NOTE, fmt_bytes, speed_mark
 
 
 def _fmt(x, spec=".3f", none="-"):
@@ -30,8 +30,8 @@ def comparison_table(records: list[dict]) -> str:
             r["format"], _fmt(r.get("bits_per_weight"), ".2f"), fmt_bytes(r.get("weight_bytes")),
             f"{r['perplexity']:.3f}±{r['perplexity_stderr']:.3f}", delta,
             f"{r['kld_mean']:.4f}±{r['kld_stderr']:.4f}", _fmt(r.get("kld_p99"), ".3f"),
-            f"{100 * r['top1_agreement']:.1f}%", _fmt(r.get("prefill_tokens_per_s"), ".0f"),
-            _fmt(r.get("decode_tokens_per_s"), ".1f"), _fmt(r.get("quantize_seconds"), ".1f"),
+            f"{100 * r['top1_agreement']:.1f}%", _fmt(r.get("prefill_tokens_per_s"), ".0f") + speed_mark(r),
+            _fmt(r.get("decode_tokens_per_s"), ".1f") + speed_mark(r), _fmt(r.get("quantize_seconds"), ".1f"),
             fmt_bytes(r.get("peak_rss_bytes")),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -40,6 +40,8 @@ def comparison_table(records: list[dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
     lines += [f"{f.ljust(widths[0])}  {why}" for f, why in skipped]
+    if any(speed_mark(r) and r.get("decode_tokens_per_s") is not None for r in records if not r.get("error")):
+        lines.append(REF_NOTE)
     return "\n".join(lines)
 
 

@@ -4,7 +4,9 @@ report, recommend and every `--json` output read.
 A record is a JSON-able dict (so it stores, diffs and prints as it is), typed by :class:`Record`.
 `schema_version` says which definition wrote it: 1 is every record stored before the field existed
 (same fields), 2 adds `schema_version` and `eval_seconds`, 3 adds generation agreement (`generation`,
-`gen_agreement`) and answer flips in each task's summary (`tasks[name]["flips"]`). :func:`upgrade` reads any stored version
+`gen_agreement`) and answer flips in each task's summary (`tasks[name]["flips"]`), 4 adds `timings` (seconds
+per phase of the worker), `eval_tokens_per_s` and `kernel` (what the decode steps ran; "ref" where a
+format's layers dequantize per call). :func:`upgrade` reads any stored version
 and refuses a record written by a newer quantscope.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Record(TypedDict, total=False):
@@ -61,6 +63,9 @@ class Record(TypedDict, total=False):
     decode_tokens_per_s: float | None
     quantize_seconds: float
     eval_seconds: float
+    eval_tokens_per_s: float | None  # tokens scored per second in the perplexity/KLD pass
+    timings: dict  # seconds per phase: startup, load, quantize, reference|evaluate, ..., speed, total
+    kernel: str  # what decode steps run: a kernel's name, "ref" (dequantize + matmul), a library's own
     # provenance
     backend: str
     backend_version: str
@@ -108,4 +113,4 @@ def upgrade(record: dict) -> Record:
 
         raise QuantscopeError(f"a record of schema version {version} was written by a newer quantscope "
                               f"(this one reads up to {SCHEMA_VERSION}): upgrade quantscope")
-    return record  # type: ignore[return-value]  (versions 1-3 differ only by optional fields)
+    return record  # type: ignore[return-value]  (versions 1-4 differ only by optional fields)

@@ -1,0 +1,208 @@
+// Weight-only matrix-vector kernels over quantscope's packed storage, for the x86-64 CPU (AVX2 + FMA + F16C).
+//
+//   y[m, n] = sum_k x[m, k] * W[n, k],   W[n, k] = (code(n, k) - zero[n, g]) * scale[n, g]   (affine)
+//                                         W[n, k] = table[code(n, k)] * scale[n, g]           (lookup, NF4/FP4)
+//   with g = k / G (groups of G input columns, the last one may be partial).
+//
+// The packed codes are read as stored (two 4-bit codes per byte, low nibble first; or one byte per
+// code), widened to fp32 in registers and multiplied with the fp32 activations: activations stay fp32,
+// so a result differs from dequantize + fp32 matmul only by the order of the sums. The zero point is
+// taken out per group (sum (q - z) x = sum q x - z sum x), the scale applied once per group.
+// Work is split over output rows with OpenMP (the runtime torch itself loaded: libgomp.so.1).
+// Built by quantscope/modules/cpu_kernels.py; no torch headers, called through ctypes.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+enum Codes { U4 = 0, U8 = 1, S8 = 2, LUT4 = 3 };
+
+inline float scale_at(const void* p, int f32, int64_t i) {
+    return f32 ? static_cast<const float*>(p)[i] : _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 16 codes starting at column k (k even for 4-bit codes) as two vectors of 8 fp32 values
+template <int C>
+inline void load16(const uint8_t* row, int64_t k, __m256 tlo, __m256 thi, __m256& a, __m256& b) {
+    if (C == U4 || C == LUT4) {
+        __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m128i m = _mm_set1_epi8(0x0F);
+        __m128i c = _mm_unpacklo_epi8(_mm_and_si128(by, m), _mm_and_si128(_mm_srli_epi16(by, 4), m));
+        __m256i i0 = _mm256_cvtepu8_epi32(c);
+        __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
+        if (C == U4) {
+            a = _mm256_cvtepi32_ps(i0);
+            b = _mm256_cvtepi32_ps(i1);
+        } else {  // table[code]: the low 3 bits pick within a half, bit 3 picks the half
+            a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i0), _mm256_permutevar8x32_ps(thi, i0),
+                                 _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28)));
+            b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i1), _mm256_permutevar8x32_ps(thi, i1),
+                                 _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
+        }
+    } else {
+        __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+        __m256i i0 = C == U8 ? _mm256_cvtepu8_epi32(by) : _mm256_cvtepi8_epi32(by);
+        __m128i hi = _mm_srli_si128(by, 8);
+        __m256i i1 = C == U8 ? _mm256_cvtepu8_epi32(hi) : _mm256_cvtepi8_epi32(hi);
+        a = _mm256_cvtepi32_ps(i0);
+        b = _mm256_cvtepi32_ps(i1);
+    }
+}
+
+template <int C>
+inline float code_at(const uint8_t* row, int64_t k, const float* table) {
+    if (C == U4) return static_cast<float>((row[k / 2] >> ((k & 1) * 4)) & 15);
+    if (C == LUT4) return table[(row[k / 2] >> ((k & 1) * 4)) & 15];
+    if (C == U8) return static_cast<float>(row[k]);
+    return static_cast<float>(static_cast<int8_t>(row[k]));
+}
+
+// one output row n for MT activation rows x[0..MT) (row stride K; xg: each row's sum over each group, for
+// the zero points): the weight codes are widened once and used for all MT rows
+template <int C, int MT>
+inline void row_dot(const float* x, const float* xg, const uint8_t* row, const void* scales, int sf32,
+                    const void* zeros, float zconst, int64_t ng, int64_t K, int64_t G, const float* table,
+                    __m256 tlo, __m256 thi, float* y, int64_t ystride) {
+    __m256 total[MT];
+    float scalar[MT];
+    for (int i = 0; i < MT; ++i) { total[i] = _mm256_setzero_ps(); scalar[i] = 0.f; }
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+        __m256 acc[MT];
+        for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) {
+            __m256 a, b;
+            load16<C>(row, k, tlo, thi, a, b);
+            for (int i = 0; i < MT; ++i) {
+                acc[i] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i * K + k), acc[i]);
+                acc[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + i * K + k + 8), acc[i]);
+            }
+        }
+        const float s = scale_at(scales, sf32, g);
+        const float z = zeros ? _cvtsh_ss(static_cast<const uint16_t*>(zeros)[g]) : zconst;
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int i = 0; i < MT; ++i) {
+            float tail = 0.f;
+            for (int64_t j = k; j < k1; ++j) tail += code_at<C>(row, j, table) * x[i * K + j];
+            total[i] = _mm256_fmadd_ps(sv, acc[i], total[i]);
+            scalar[i] += s * (tail - z * xg[i * ng + g]);
+        }
+    }
+    for (int i = 0; i < MT; ++i) y[i * ystride] = hsum(total[i]) + scalar[i];
+}
+
+template <int C>
+void matvec(const float* x, const uint8_t* codes, const void* scales, int sf32, const void* zeros,
+            float zconst, const float* table, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+            int64_t row_bytes, int threads) {
+    const int64_t ng = (K + G - 1) / G;
+    float xg_stack[2048];
+    float* xg = ng * M <= 2048 ? xg_stack : new float[ng * M];
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < ng; ++g) {
+            float s = 0.f;
+            const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
+            for (int64_t k = g * G; k < k1; ++k) s += x[m * K + k];
+            xg[m * ng + g] = s;
+        }
+    __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
+    if (table) {
+        tlo = _mm256_loadu_ps(table);
+        thi = _mm256_loadu_ps(table + 8);
+    }
+    const int sstride = sf32 ? 4 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = codes + n * row_bytes;
+        const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
+        const void* zrow = zeros ? static_cast<const void*>(static_cast<const uint16_t*>(zeros) + n * ng) : nullptr;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)  // four activation rows share each widened weight vector (eight spill)
+            row_dot<C, 4>(x + m * K, xg + m * ng, row, srow, sf32, zrow, zconst, ng, K, G, table, tlo, thi, y + m * N + n, N);
+        for (; m < M; ++m)
+            row_dot<C, 1>(x + m * K, xg + m * ng, row, srow, sf32, zrow, zconst, ng, K, G, table, tlo, thi, y + m * N + n, N);
+    }
+    if (xg != xg_stack) delete[] xg;
+}
+
+// W[n, k] in fp32, computed exactly as the reference dequantizers do ((q - z) * s, or table[q] * s:
+// one rounding each, no fused multiply-add), so a layer's matmul on it gives the reference's figures
+template <int C>
+void dequant(const uint8_t* codes, const void* scales, int sf32, const void* zeros, float zconst,
+             const float* table, float* w, int64_t N, int64_t K, int64_t G, int64_t row_bytes, int threads) {
+    const int64_t ng = (K + G - 1) / G;
+    const int sstride = sf32 ? 4 : 2;
+    __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
+    if (table) {
+        tlo = _mm256_loadu_ps(table);
+        thi = _mm256_loadu_ps(table + 8);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = codes + n * row_bytes;
+        const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
+        float* out = w + n * K;
+        for (int64_t g = 0; g < ng; ++g) {
+            const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
+            const float s = scale_at(srow, sf32, g);
+            const float z = zeros ? _cvtsh_ss(static_cast<const uint16_t*>(zeros)[n * ng + g]) : zconst;
+            const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+            int64_t k = g * G;
+            for (; k + 16 <= k1; k += 16) {
+                __m256 a, b;
+                load16<C>(row, k, tlo, thi, a, b);
+                if (C != LUT4) {
+                    a = _mm256_sub_ps(a, zv);
+                    b = _mm256_sub_ps(b, zv);
+                }
+                _mm256_storeu_ps(out + k, _mm256_mul_ps(a, sv));
+                _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(b, sv));
+            }
+            for (; k < k1; ++k) out[k] = C == LUT4 ? code_at<C>(row, k, table) * s : (code_at<C>(row, k, table) - z) * s;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int qs_dequant(int kind, const uint8_t* codes, const void* scales, int sf32, const void* zeros, float zconst,
+               const float* table, float* w, int64_t N, int64_t K, int64_t G, int64_t row_bytes, int threads) {
+    switch (kind) {
+        case U4: dequant<U4>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+        case U8: dequant<U8>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+        case S8: dequant<S8>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+        case LUT4: dequant<LUT4>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+    }
+    return -1;
+}
+
+
+// kind: 0 = 4-bit codes, 1 = uint8 codes, 2 = int8 codes, 3 = 4-bit codes through a 16-entry table.
+// scales [N, ng] fp16 (sf32 = 0) or fp32 (sf32 = 1); zeros [N, ng] fp16 or NULL (then zconst);
+// table: 16 fp32 values (kind 3 only). Returns 0, or -1 for an unknown kind.
+int qs_matvec(int kind, const float* x, const uint8_t* codes, const void* scales, int sf32, const void* zeros,
+              float zconst, const float* table, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+              int64_t row_bytes, int threads) {
+    switch (kind) {
+        case U4: matvec<U4>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+        case U8: matvec<U8>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+        case S8: matvec<S8>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+        case LUT4: matvec<LUT4>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+    }
+    return -1;
+}
+
+int qs_abi_version(void) { return 2; }
+}

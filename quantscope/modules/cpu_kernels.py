@@ -1,0 +1,201 @@
+"""Matrix-vector kernels that read quantscope's packed weights directly (x86-64 CPUs with AVX2/FMA/F16C).
+
+A quantized layer's reference forward dequantizes its whole weight to fp32 and calls the fp32 matmul:
+right for a 512-token evaluation window, where the matmul dominates, but on a one-token decode step it
+moves four bytes per weight through memory twice, so a smaller format decoded *slower* than fp32.
+These kernels (`cpu_kernels.cpp`) read the codes as stored — half a byte per weight for int4/NF4/FP4,
+one for int8 — widen them in registers and multiply with fp32 activations, so only the order of the
+sums differs from the reference (tests/test_kernels.py checks every kind against it).
+
+Torch's own CPU kernels were measured first on this machine (benchmarks/kernels.py, AMD EPYC, AVX2, no
+AVX-512): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` take fp32 activations only through
+slow scalar loops (5x and 25x slower than fp32 `F.linear` at 1x576->1536), and are fast only with
+bf16 activations, which changes the figures. So quantscope compiles its own: plain C++ with
+intrinsics, no torch headers (a build takes seconds, not minutes), cached under
+`$QUANTSCOPE_CACHE/kernels/` by a hash of source and flags, loaded with ctypes, threads from torch.
+
+No compiler, a CPU without AVX2, or a build that fails: :func:`unavailable_reason` says why, the layers
+run the reference path, and each record names the kernel it used (`kernel`: "ref" there).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fileio import cache_root
+from ..formats.codebook import block_absmax, codebook
+from ..formats.integer import n_groups
+from ..formats.packing import packed_row_bytes
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
+_U4, _U8, _S8, _LUT4 = 0, 1, 2, 3
+REF = "ref"  # the reference path's name in records: dequantize the weight, then the fp32 matmul
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not). Built once per source/flags hash, then loaded from the cache."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return None, f"this CPU's vector capability is {cap}; the kernels need AVX2 and FMA"
+    if not _has_f16c():
+        return None, "this CPU lacks F16C (fp16 scale conversion), which the kernels use"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no C++ compiler (g++) found to build quantscope's CPU kernels"
+    src = _SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    out = cache_root() / "kernels" / f"cpu_kernels-{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+            if res.returncode != 0:
+                first = (res.stderr.strip().splitlines() or ["?"])[0]
+                return None, f"building quantscope's CPU kernels failed: {first}"
+            os.replace(tmp, out)  # concurrent builders each rename a whole file: a reader sees one
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    if lib.qs_abi_version() != 2:
+        return None, f"{out} is not the kernel library this quantscope expects"
+    f = lib.qs_matvec
+    f.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, ctypes.c_float, p, p, i64, i64, i64, i64, i64,
+                  ctypes.c_int]
+    d = lib.qs_dequant
+    d.restype = ctypes.c_int
+    d.argtypes = [ctypes.c_int, p, p, ctypes.c_int, p, ctypes.c_float, p, p, i64, i64, i64, i64, ctypes.c_int]
+    return lib, ""
+
+
+def _has_f16c() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: AVX2 processors all have F16C (Haswell, Zen and later)
+    return " f16c" in flags
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """How one quantized layer's codes are read: chosen once per layer from its format and shape."""
+
+    name: str  # reported in records: "quantscope-avx2:<kind>"
+    kind: int
+    group: int
+    zconst: float  # the implicit zero point of symmetric formats (none stored)
+    max_rows: int  # above this many activation rows, dequantize + fp32 matmul is faster (measured)
+
+
+# Rows of activations up to which each kernel beats the kernel library's dequantize + fp32 matmul on the
+# embedded model's layers (benchmarks/kernels.py, 2 threads, AMD EPYC AVX2: at 1-4 rows the kernels take
+# 0.2-0.5x the time; at 16 rows int8 still wins, 4-bit is even, NF4 loses; at 64 dequantize + matmul wins
+# for all). Decode steps are 1 row; the speed loop's prefill (64) and evaluation windows (512) dequantize.
+_MAX_ROWS = {"int4": 8, "int8": 16, "uint8": 16, "lut4": 8}
+
+
+def kernel_for(spec, shape: tuple[int, int]) -> Kernel | None:
+    """The kernel for a layer of this format and [out, in] shape, or None (the reference path)."""
+    _, in_f = shape
+    group = in_f if spec.group_size is None else spec.group_size
+    if spec.family == "int" and spec.bits == 4 and group % 2 == 0:
+        return Kernel("quantscope-avx2:int4", _U4, group, 0.0 if not spec.symmetric else 8.0, _MAX_ROWS["int4"])
+    if spec.family == "int" and spec.bits == 8:
+        if spec.symmetric:  # stored as signed int8 with the zero point removed
+            return Kernel("quantscope-avx2:int8", _S8, group, 0.0, _MAX_ROWS["int8"])
+        return Kernel("quantscope-avx2:uint8", _U8, group, 0.0, _MAX_ROWS["uint8"])
+    if spec.family == "codebook" and group % 2 == 0:
+        return Kernel(f"quantscope-avx2:{spec.variant}-lut", _LUT4, group, 0.0, _MAX_ROWS["lut4"])
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _table(variant: str) -> torch.Tensor:
+    return codebook(variant).contiguous()
+
+
+def _operands(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> list:
+    """The C functions' storage arguments (codes, scales, fp32 flag, zeros, zconst, table), with the
+    tensors they point into kept alive by the caller holding this list."""
+    out_f, in_f = shape
+    codes = storage["qweight"]
+    zeros = storage.get("zeros")
+    table = None
+    if spec.family == "codebook":
+        scales = storage["absmax"] if "absmax" in storage else block_absmax(storage)
+        table = _table(spec.variant)
+    else:
+        scales = storage["scales"]
+    if scales.dtype not in (torch.float16, torch.float32):
+        scales = scales.float()
+    scales = scales.contiguous()
+    if zeros is not None:
+        zeros = zeros.to(torch.float16).contiguous()
+    row_bytes = packed_row_bytes(in_f, 4) if k.kind in (_U4, _LUT4) else in_f
+    if tuple(codes.shape) != (out_f, row_bytes) or scales.numel() != out_f * n_groups(in_f, k.group) \
+            or not codes.is_contiguous() or codes.device.type != "cpu":
+        raise RuntimeError(f"storage of shape {tuple(codes.shape)} does not match {k.name} for {shape}")
+    return [codes, scales, zeros, table, row_bytes]
+
+
+def _ptr(t: torch.Tensor | None):
+    return t.data_ptr() if t is not None else None
+
+
+def matvec(k: Kernel, x: torch.Tensor, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:
+    """y [rows, out] = x [rows, in] (fp32, CPU) times the layer's weight, read from `storage`."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    out_f, in_f = shape
+    x = x.contiguous()
+    codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
+    y = torch.empty(x.shape[0], out_f, dtype=torch.float32)
+    rc = lib.qs_matvec(k.kind, x.data_ptr(), codes.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.float32),
+                       _ptr(zeros), k.zconst, _ptr(table), y.data_ptr(), x.shape[0], out_f, in_f, k.group,
+                       row_bytes, torch.get_num_threads())
+    del ops
+    if rc != 0:
+        raise RuntimeError(f"{k.name}: kernel returned {rc}")
+    return y
+
+
+def dequantize(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:
+    """The layer's fp32 weight [out, in], bit-identical to the format's own `dequantize` (same operations,
+    one rounding each) and several times faster: the reference path's first half for many rows."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    out_f, in_f = shape
+    codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
+    w = torch.empty(out_f, in_f, dtype=torch.float32)
+    rc = lib.qs_dequant(k.kind, codes.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.float32), _ptr(zeros),
+                        k.zconst, _ptr(table), w.data_ptr(), out_f, in_f, k.group, row_bytes, torch.get_num_threads())
+    del ops
+    if rc != 0:
+        raise RuntimeError(f"{k.name}: dequantize returned {rc}")
+    return w

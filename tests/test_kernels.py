@@ -1,0 +1,119 @@
+"""quantscope's packed-code CPU kernels against the reference path (dequantize + fp32 matmul), per format."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from quantscope.formats.qtensor import quantize_tensor
+from quantscope.formats.spec import parse_format
+from quantscope.modules import cpu_kernels as ck
+from quantscope.modules.qmodules import QuantLinear, kernels_used, set_kernels
+from quantscope.quantization import quantize
+
+needs_kernels = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.unavailable_reason()}")
+
+# every format family with a kernel: per-channel int8, grouped 4-bit (asymmetric, symmetric, a ragged last
+# group: 576 = 4 x 128 + 64), grouped 8-bit (uint8 codes with zeros; signed symmetric), NF4/FP4 lookups
+KERNEL_FORMATS = ("int8", "int4-g64", "int4-g128", "int4-g32-sym", "int8-g64", "int8-g128-sym", "nf4", "fp4",
+                  "nf4-dq", "fp4-dq")
+SHAPES = ((96, 576), (40, 70), (17, 130))  # [out, in]: embedded-model width, odd widths with scalar tails
+
+
+def _weight(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * 0.05
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matvec_equals_the_reference_path(fmt, shape):
+    spec = parse_format(fmt)
+    qt = quantize_tensor(_weight(shape), spec)
+    k = ck.kernel_for(spec, qt.shape)
+    assert k is not None
+    ref_w = qt.dequantize()
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+        y = ck.matvec(k, x, qt.tensors, spec, qt.shape)
+        ref = x @ ref_w.T
+        # only the order of the fp32 sums differs
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_kernel_dequantize_is_bit_identical(fmt):
+    spec = parse_format(fmt)
+    for shape in SHAPES:
+        qt = quantize_tensor(_weight(shape, 1), spec)
+        w = ck.dequantize(ck.kernel_for(spec, qt.shape), qt.tensors, spec, qt.shape)
+        assert torch.equal(w, qt.dequantize())  # evaluation figures do not move
+
+
+@pytest.mark.parametrize("fmt", ("int3-g128", "int2-g64", "ternary", "binary", "fp8-e4m3", "bf16"))
+def test_formats_without_a_kernel_run_and_say_ref(fmt):
+    qt = quantize_tensor(_weight((32, 64)), parse_format(fmt))
+    layer = QuantLinear(qt)
+    assert layer.kernel is None and layer.kernel_name() == ck.REF
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ qt.dequantize().T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ("int8", "int4-g64", "nf4"))
+def test_quant_linear_fast_path_matches_reference_forward(fmt):
+    qt = quantize_tensor(_weight((48, 128)), parse_format(fmt))
+    layer = QuantLinear(qt, bias=torch.randn(48))
+    x1, xmany = torch.randn(1, 1, 128), torch.randn(1, 200, 128)
+    fast1, fastmany = layer(x1), layer(xmany)
+    set_kernels(layer, False)
+    assert layer.kernel_name() == ck.REF
+    torch.testing.assert_close(fast1, layer(x1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(fastmany, layer(xmany))  # many rows: the same weight, the same matmul
+
+
+@needs_kernels
+def test_decoding_a_tiny_model_through_kernels_matches_the_reference():
+    from quantscope.measure.speed import measure_speed, SpeedConfig
+
+    model = tiny_llama(hidden=64)
+    quantize(model, "int4-g32")
+    assert kernels_used(model) == {"quantscope-avx2:int4": 14}
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3))
+    cfg = SpeedConfig(prompt_tokens=16, new_tokens=8, repeats=1)
+    fast = measure_speed(model, ids, cfg)["generated"]
+    with torch.inference_mode():
+        logits_fast = model(input_ids=ids[None, :1]).logits
+    set_kernels(model, False)
+    assert kernels_used(model) == {"ref": 14}
+    assert measure_speed(model, ids, cfg)["generated"] == fast
+    with torch.inference_mode():
+        torch.testing.assert_close(logits_fast, model(input_ids=ids[None, :1]).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_tied_quantized_head_uses_the_kernel():
+    model = tiny_llama(hidden=64)
+    quantize(model, "nf4", include=("embed_tokens",))
+    assert kernels_used(model) == {"quantscope-avx2:nf4-lut": 15}  # 14 linears + the tied head
+    x = torch.randint(0, 256, (1, 1))
+    with torch.inference_mode():
+        fast = model(input_ids=x).logits
+        set_kernels(model, False)
+        torch.testing.assert_close(fast, model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_build_is_reported_and_layers_take_the_reference_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    ck._load.cache_clear()
+    try:
+        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            assert not ck.available() and "failed" in ck.unavailable_reason()
+        layer = QuantLinear(quantize_tensor(_weight((16, 64)), parse_format("int4-g32")))
+        assert layer.kernel_name() == ck.REF
+        x = torch.randn(1, 64)
+        torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T)
+    finally:
+        ck._load.cache_clear()  # the next test builds (or finds) the real library again
