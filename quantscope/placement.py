@@ -98,3 +98,29 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
     elif kind == "mps":
         torch.mps.synchronize()
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """The dtype the streamed path computes a block in when its weights are stored in `dtype`: `dtype`
+    itself, except half precision on a CPU without native bfloat16/float16 matrix units (AVX512-BF16,
+    AMX, AVX512-FP16), where torch's half-precision matmuls are several times slower than float32 (8.6 vs
+    60 GFLOPS measured on a 2-core AVX2 EPYC): there the weights keep their half-precision values and the
+    arithmetic is done in float32."""
+    import torch
+
+    if dtype == "float32" or torch.device(device).type != "cpu":
+        return dtype
+    native = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}.get(dtype, ())
+    return dtype if cpu_flags() & set(native) else "float32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo on Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from . import options as o
 
 
@@ -35,6 +37,9 @@ def add_parser(sub) -> None:
     c.add_argument("--new-tokens", type=int, default=16, help="speed test decode steps")
     c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     c.add_argument("--no-isolate", action="store_true", help="measure in this process (peak RSS then accumulates)")
+    c.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the model block by block and measure every format in one pass, never holding it whole "
+                        "(default: when the planner says the in-memory run does not fit in the memory available)")
     o.add_process(c)
     o.add_json(c, "the records (after every format, atomically)")
     c.add_argument("--out", default=None, help="run directory (default quantscope-runs/<model>-<text>-<hash>); re-running resumes")
@@ -56,7 +61,8 @@ def config_from(args):
         trust_remote_code=args.trust_remote_code, tasks=tuple(args.task), task_limit=args.limit,
         task_sample_seed=args.sample_seed, task_shots=args.shots, ctx_sweep=args.ctx_sweep,
         lm_eval_tasks=tuple(args.lm_eval_task), lm_eval_include=args.lm_eval_include,
-        gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=o.progress_wanted(args))
+        gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=o.progress_wanted(args),
+        stream=args.stream)
 
 
 def run(args) -> int:
@@ -76,7 +82,7 @@ def run(args) -> int:
             write_json_atomic(args.json, done)
 
     run_dir = None if args.no_store else (args.out or default_run_dir(cfg))
-    records, meta = compare(cfg, on_record=on_record, run_dir=run_dir)
+    records, meta = compare(cfg, on_record=on_record, run_dir=run_dir, on_note=lambda n: o.note(args, n))
     o.out(args, f"model: {meta['model']}")
     o.out(args, f"text: {meta['text']}, ctx {meta['ctx']}, {meta['windows']} windows, "
                 f"{records[0].get('tokens_scored', '?')} tokens scored ({meta['scoring']})")

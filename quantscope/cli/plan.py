@@ -8,7 +8,7 @@ from . import options as o
 def add_parser(sub) -> None:
     pl = sub.add_parser("plan", help="memory plan from config.json only: weights, KV cache, overhead, devices")
     pl.add_argument("model", help="local model folder, its config.json, or a Hub id")
-    pl.add_argument("--ctx", type=int, default=8192)
+    pl.add_argument("--ctx", type=int, default=None, help="context tokens (default 8192; with --stream 512)")
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--formats", type=o.names, default=("bf16", "fp8-e4m3", "int8", "int4-g128", "nf4", "int3-g128"),
                     help="comma-separated formats")
@@ -17,11 +17,20 @@ def add_parser(sub) -> None:
     pl.add_argument("--embed-format", default=None, help="quantize the embeddings and head into this format too")
     pl.add_argument("--attention", choices=("fused", "eager"), default="fused")
     pl.add_argument("--framework-overhead", default=None, help="fixed runtime allowance (default 1GiB)")
+    pl.add_argument("--stream", action="store_true",
+                    help="plan a streamed comparison instead (compare --stream): peak memory with one block in flight")
+    pl.add_argument("--windows", type=int, default=8, help="with --stream: evaluation windows (of --ctx tokens)")
+    pl.add_argument("--dtype", default=None, help="with --stream: the baseline's dtype (default: the checkpoint's)")
+    pl.add_argument("--calib-samples", type=int, default=128, help="with --stream: calibration sequences (GPTQ/AWQ)")
+    pl.add_argument("--calib-seqlen", type=int, default=512)
     o.add_json(pl, "the plan")
     pl.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.stream:
+        return _stream(args)
+    args.ctx = args.ctx or 8192
     from ..api import PlanConfig, plan_memory
     from ..report.terminal import plan_table
 
@@ -40,4 +49,33 @@ def run(args) -> int:
     for line in dict.fromkeys(n for r in p.rows for n in r.notes):
         o.out(args, f"note: {line}")
     o.emit(args, p.to_dict())
+    return 0
+
+
+def _stream(args) -> int:
+    from ..errors import QuantscopeError
+    from ..plan.config import load_config
+    from ..plan.geometry import geometry
+    from ..plan.stream import stream_plan
+
+    args.ctx = args.ctx or 512
+    if args.windows < 1 or args.ctx < 2:
+        raise QuantscopeError("--windows must be at least 1 and --ctx at least 2")
+    config = load_config(args.model)
+    dtype = args.dtype or geometry(config).dtype
+    p = stream_plan(config, tuple(args.formats), args.windows, args.ctx, dtype, args.calib_samples, args.calib_seqlen)
+    gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
+    o.out(args, f"streamed comparison of {args.model}: baseline in {dtype}, {', '.join(args.formats)}; "
+                f"{args.windows} windows x {args.ctx} tokens")
+    for label, value in (("outside the blocks (embedding, norm, head)", p.outside_bytes),
+                         ("one block in flight (float, copy, quantized)", p.in_flight_bytes),
+                         ("hidden-state streams (baseline, formats, calibration)", p.stream_bytes),
+                         ("*workspace (activations, head chunk, rounding)", p.workspace_bytes),
+                         ("*runtime (Python, torch, transformers)", p.runtime_bytes),
+                         ("predicted peak, streamed", p.total_bytes),
+                         ("*in memory, for comparison", p.in_memory_bytes)):
+        o.out(args, f"  {label:<56}{gib(value)}")
+    o.out(args, "* = estimate or assumption; the rest is exact from config.json (see quantscope.plan.stream)")
+    o.emit(args, {"model": args.model, "dtype": dtype, "formats": list(args.formats), "windows": args.windows,
+                  "ctx": args.ctx, **p.to_dict()})
     return 0

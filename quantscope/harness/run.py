@@ -78,9 +78,11 @@ def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str
 
 
 def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,
-            run_dir: str | os.PathLike | None = None, inputs: Inputs | None = None) -> tuple[list[dict], dict]:
-    """Run the comparison: (records, meta). `on_record` sees each record as it is finished.
-    `inputs` (from an earlier prepare with the same model and text) skips loading them again."""
+            run_dir: str | os.PathLike | None = None, inputs: Inputs | None = None,
+            on_note: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    """Run the comparison: (records, meta). `on_record` sees each record as it is finished; `on_note`
+    the line saying a run is streamed, before it starts. `inputs` (from an earlier prepare with the same
+    model and text) skips loading them again."""
     from ..results.store import RunStore
 
     prep = prepare(config, inputs)
@@ -88,6 +90,9 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     # baseline has been measured, so a run that fails on bad input leaves nothing behind
     store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO) if run_dir is not None and Path(run_dir).exists() else None
     if prep.jobs[0].streamed:
+        if on_note is not None:
+            on_note(next((n for n in prep.notes if n.startswith("streamed:")),
+                         "streamed (--stream): the model is read block by block, every format in one pass"))
         return _compare_streamed(prep, store, run_dir, on_record), prep.meta
     records = []
     refs = ReferenceStore()
@@ -156,7 +161,7 @@ def _compare_streamed(prep, store, run_dir, on_record) -> list[dict]:
 
                 bar = tqdm(desc="streamed: blocks", unit="block", leave=False)
             step = (lambda done, total, label: (setattr(bar, "total", total), bar.update(1))) if bar else None  # noqa: E731
-            recs = stream_jobs(todo, prep.inputs.model_config, progress=step)
+            recs = stream_jobs(todo, prep.inputs.model_config, progress=step, tokenizer=prep.inputs.tokenizer)
             if bar is not None:
                 bar.close()
             fresh = {r["format"]: r for r in recs}

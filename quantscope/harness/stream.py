@@ -17,9 +17,11 @@ one quantized copy) and the streams: windows x ctx x hidden per format. At the e
 head turn each stream into log-probabilities a chunk of positions at a time (:mod:`..evaluate.hidden`).
 
 Every window is its own batch of one, as :func:`..evaluate.perplexity.score_windows` runs it, so the
-streamed figures equal the in-memory ones to float rounding (tests/test_stream.py). Speed is not
-measured here (no whole model exists to time), nor are the in-memory-only measurements (tasks,
-lm-eval, generation, context sweeps): asking for them with --stream is refused up front.
+streamed figures equal the in-memory ones to float rounding (tests/test_stream.py). Log-likelihood
+tasks ride the same pass: each distinct task input is one more sequence through the blocks, scored at
+the end from its continuation's positions. Speed is not measured here (no whole model exists to time),
+nor are the in-memory-only measurements (lm-eval, generation, context sweeps): asking for them with
+--stream is refused up front.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from torch import nn
 
 from ..errors import QuantscopeError
 from ..measure.memory import model_tensors, peak_device_bytes, peak_rss_bytes, reset_peak_device, tensor_bytes
-from ..methods.calib_capture import capture_inputs, run_block
+from ..methods.calib_capture import capture_inputs, cast_floats, run_block
 from ..methods.calibrate import CalibConfig, _batches, _check_calib, calibrate_block, forward_inputs
 from ..model.blocks import BlockSource, check_complete, release, streamed_skeleton
 from ..modules.names import block_prefix, block_names
+from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 from ..modules.swap import apply_plan, select_modules
+from ..placement import compute_dtype
 from ..quantization import Format, resolve
 from ..results.record import new_record
 from .config import Job
@@ -57,7 +61,7 @@ def check_streamable(formats: list[Format], model_type: str | None, job: Job) ->
     if bad:
         raise QuantscopeError(f"--stream measures quantscope's own and calibrated (GPTQ/AWQ) formats; "
                               f"{', '.join(bad)} need the whole model in memory: run them without --stream")
-    asked = [what for what, on in (("--task", job.tasks), ("--lm-eval-task", job.lm_eval), ("--gen-prompts", job.gen_prompts),
+    asked = [what for what, on in (("--lm-eval-task", job.lm_eval), ("--gen-prompts", job.gen_prompts),
                                    ("--ctx-sweep", job.sweep_windows)) if on]
     if asked:
         raise QuantscopeError(f"{', '.join(asked)} run(s) on a whole model: not available with --stream")
@@ -83,8 +87,23 @@ def _real_bytes(module: nn.Module) -> int:
     return tensor_bytes(t for t in model_tensors(module) if t.device.type != "meta")
 
 
-def _head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module`'s float parameters outside quantized modules cast to `dtype` (quantized modules compute in
+    their input's dtype and keep their stored codes and scales)."""
+    for m in module.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding, TiedQuantHead)):
+            continue
+        for n, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                setattr(m, n, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    return module
+
+
+def _head(model: nn.Module, comp: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     norm, out = model.get_decoder().norm, model.get_output_embeddings()
+    weight = getattr(out, "weight", None)  # (a tied quantized head has none: it computes in its input's dtype)
+    if weight is not None and weight.dtype != comp:  # a compute copy, for the scoring only
+        norm, out = _cast(copy.deepcopy(norm), comp), _cast(copy.deepcopy(out), comp)
     return lambda h: out(norm(h))
 
 
@@ -107,8 +126,11 @@ def _load_outside(model: nn.Module, source: BlockSource, dtype: str, device: str
             set_module_tensor_to_device(model, n, device, value=b)
 
 
-def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Measure the baseline `jobs[0]` and the formats `jobs[1:]` in one streamed pass; one record per job."""
+def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str], None] | None = None,
+                tokenizer=None) -> list[dict]:
+    """Measure the baseline `jobs[0]` and the formats `jobs[1:]` in one streamed pass; one record per job.
+    The jobs' log-likelihood tasks ride the same pass: each distinct task input is one more sequence
+    carried through the blocks beside the evaluation windows (`tokenizer` encodes them)."""
     base = jobs[0]
     if not base.is_baseline:
         raise QuantscopeError("internal: the streamed pass starts with the baseline's job")
@@ -117,6 +139,7 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
     t_start = time.perf_counter()
     reset_peak_device(base.device)
     dtype, device = base.dtype, base.device
+    comp = getattr(torch, compute_dtype(dtype, device))
     source = BlockSource(base.model_path)
     model = streamed_skeleton(model_config, dtype, base.trust_remote_code)
     _load_outside(model, source, dtype, device)
@@ -140,15 +163,18 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
     del mods, sel
     outside_bytes = _real_bytes(model)
     windows = [w[None] for w in base.windows]
+    tasks = _task_parts(base, tokenizer, model_config)
+    windows += [torch.tensor(r.tokens, dtype=torch.long)[None] for _, _, rows in tasks for r in rows]
     with torch.no_grad():
-        xs_base, rests = capture_inputs(model, layers[0], windows, device)
-        lanes = [_lane(j, f, model, xs_base, windows, outside_sel) for j, f in zip(jobs[1:], fmts[1:])]
+        xs_base, rests = _inputs(model, layers[0], windows, device, comp)
+        lanes = [_lane(j, f, model, xs_base, windows, outside_sel, comp) for j, f in zip(jobs[1:], fmts[1:])]
         base_bytes, base_fwd = 0, 0.0
         for i, bname in enumerate(blocks):
             block = source.load(layers[i], bname + ".", dtype, device)
             for lane in lanes:
-                _advance(lane, block, per_block[i], bname + ".", rests)
+                _advance(lane, block, per_block[i], bname + ".", rests, comp)
             base_bytes += _real_bytes(block)
+            _cast(block, comp)
             t0 = time.perf_counter()
             for j in range(len(xs_base)):
                 xs_base[j] = run_block(block, xs_base[j], rests[j])
@@ -161,13 +187,19 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
 
     t0 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
-    ref_scores, scores = score_hidden(base.windows, base.score_from, (_head(model), xs_base),
-                                      [(_head(ln.outside or model), ln.xs) for ln in lanes], chunk_tokens(vocab))
+    heads = [_head(model, comp)] + [_head(ln.outside or model, comp) for ln in lanes]
+    n_w = len(base.windows)
+    ref_scores, scores = score_hidden(base.windows, base.score_from, (heads[0], xs_base[:n_w]),
+                                      [(h, ln.xs[:n_w]) for h, ln in zip(heads[1:], lanes)], chunk_tokens(vocab))
+    task_items = [_task_items(tasks, h, xs[n_w:]) for h, xs in zip(heads, [xs_base] + [ln.xs for ln in lanes])]
     head_seconds = time.perf_counter() - t0
     peak, peak_dev = peak_rss_bytes(), peak_device_bytes(device)
     total = time.perf_counter() - t_start
     common_notes = ["streamed: the model was read block by block and never held whole; every row was measured "
                     "in one pass, so peak RSS is that pass's (shared by all rows); speed is not measured when streamed"]
+    if comp != getattr(torch, dtype):
+        common_notes.append(f"streamed on a CPU without native {dtype} matrix units: the weights are stored in "
+                            f"{dtype} (and counted so) but each block computes in float32 (quantscope.placement.compute_dtype)")
     base_total = outside_bytes + base_bytes
     other = base_total - sel_float_bytes
     out = []
@@ -190,13 +222,47 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
                     "quantize_seconds": lane.quantize_seconds, "backend": "quantscope", "spec": lane.fmt.spec.to_dict(),
                     "notes": [*dict.fromkeys(lane.report["notes"]), *common_notes]})
         out.append(rec)
-    for rec in out:
+    for rec, items in zip(out, task_items):
+        if items:
+            rec["task_items"] = items
         rec.update({"prefill_tokens_per_s": None, "decode_tokens_per_s": None, "peak_rss_bytes": peak,
                     "peak_device_bytes": peak_dev, "streamed": True, "stream_seconds": total})
     return out
 
 
-def _lane(job: Job, fmt: Format, model: nn.Module, xs_base: list, windows: list, outside_sel: list[str]) -> _Lane:
+def _task_parts(job: Job, tokenizer, model_config) -> list[tuple]:
+    """(task, its token pairs, its distinct inputs) per task, as the in-memory scorer builds them."""
+    if not job.tasks:
+        return []
+    from ..evaluate.tasks.scoring import task_pairs, task_rows
+
+    if tokenizer is None:
+        raise QuantscopeError("internal: streamed tasks need the tokenizer")
+    max_len = getattr(model_config, "max_position_embeddings", None)
+    return [(t, pairs, task_rows(pairs, max_len)) for t in job.tasks for pairs in [task_pairs(tokenizer, t)]]
+
+
+def _task_items(tasks: list[tuple], head, xs: list) -> dict:
+    """Each task's per-item scores (TaskScores.to_dict) from its inputs' final hidden states."""
+    from ..evaluate.tasks.scoring import score_rows_from_hidden, task_scores
+
+    out, k = {}, 0
+    for task, pairs, rows in tasks:
+        scored = score_rows_from_hidden(rows, xs[k:k + len(rows)], head, len(pairs))
+        out[task.name] = task_scores(task, pairs, scored).to_dict()
+        k += len(rows)
+    return out
+
+
+def _inputs(model: nn.Module, first: nn.Module, batches: list, device: str, comp: torch.dtype):
+    """The first block's inputs for `batches` (hidden states and keyword arguments) in the compute dtype."""
+    xs, rests = capture_inputs(model, first, batches, device)
+    memo: dict = {}
+    return [x.to(comp) for x in xs], [cast_floats(r, comp, memo) for r in rests]
+
+
+def _lane(job: Job, fmt: Format, model: nn.Module, xs_base: list, windows: list, outside_sel: list[str],
+          comp: torch.dtype) -> _Lane:
     """A format's stream at the first block: the baseline's block inputs, or, when the embedding is
     selected, its own (from a copy of the skeleton with the selected outside modules quantized)."""
     lane = _Lane(job, fmt, [x.clone() for x in xs_base])
@@ -206,30 +272,33 @@ def _lane(job: Job, fmt: Format, model: nn.Module, xs_base: list, windows: list,
         lane.outside = copy.deepcopy(model)
         apply_plan(lane.outside, {n: spec if fmt.kind == "own" else spec.rtn() for n in outside_sel})
         first = lane.outside.get_submodule(block_names(lane.outside)[0])
-        lane.xs = capture_inputs(lane.outside, first, windows, job.device)[0]
+        lane.xs = _inputs(lane.outside, first, windows, job.device, comp)[0]
         if fmt.kind == "calibrated":
             lane.report["notes"].append(f"{len(outside_sel)} selected module(s) outside the decoder blocks rounded "
                                         f"to nearest ({spec.rtn().name}), not calibrated")
     if fmt.kind == "calibrated":
         seqs = _check_calib(list(job.calib) if job.calib is not None else None)
-        cxs, crests = capture_inputs(lane.outside or model, first, _batches(seqs, CalibConfig().batch_size), job.device)
+        cxs, crests = _inputs(lane.outside or model, first, _batches(seqs, CalibConfig().batch_size), job.device, comp)
         lane.calib = forward_inputs(spec, cxs, crests, lane.report)
     return lane
 
 
-def _advance(lane: _Lane, block: nn.Module, local: list[str], bprefix: str, rests: list) -> None:
+def _advance(lane: _Lane, block: nn.Module, local: list[str], bprefix: str, rests: list, comp: torch.dtype) -> None:
     """Quantize a copy of the float `block` for this lane's format and carry its stream through it."""
     t0 = time.perf_counter()
     qb = copy.deepcopy(block)
+    stored = next(qb.parameters()).dtype
     if lane.calib is not None:
         cxs, crests, fwd = lane.calib
-        calibrate_block(qb, local, lane.fmt.spec, cxs, crests, bprefix, lane.report, lane.stage_cache, fwd)
+        calibrate_block(_cast(qb, comp), local, lane.fmt.spec, cxs, crests, bprefix, lane.report, lane.stage_cache, fwd)
+        _cast(qb, stored)  # counted as stored (the float tensors left are norms: their values are unchanged)
     elif local:
         apply_plan(qb, {n: lane.fmt.spec for n in local})
+    lane.block_bytes += _real_bytes(qb)
+    _cast(qb, comp)
     t1 = time.perf_counter()
     for j in range(len(lane.xs)):
         lane.xs[j] = run_block(qb, lane.xs[j], rests[j])
     lane.quantize_seconds += t1 - t0
     lane.forward_seconds += time.perf_counter() - t1
-    lane.block_bytes += _real_bytes(qb)
     del qb

@@ -54,3 +54,4 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return avail
+

@@ -13,7 +13,6 @@ has must be stored (a tied head excepted), with the shape the config gives.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,16 +29,6 @@ class BlockSource:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise QuantscopeError(f"{index}: not a safetensors index (no weight_map)") from None
-            missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
-            if missing:
-                raise QuantscopeError(f"{self.folder}: shard {missing[0]} is named by model.safetensors.index.json "
-                                      f"but missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         self.shapes = check_safetensors(self.folder)  # every header readable
         self.file_of: dict[str, Path] = {}
         self.dtype_of: dict[str, str] = {}

@@ -23,6 +23,7 @@ def check_safetensors(folder: Path) -> dict[str, tuple[int, ...]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files and not any(folder.glob("*.bin")):
         raise QuantscopeError(f"no weights in {folder} (expected *.safetensors)")
+    check_index(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
@@ -33,6 +34,24 @@ def check_safetensors(folder: Path) -> dict[str, tuple[int, ...]]:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
             raise QuantscopeError(f"corrupt weight file {f}: {type(e).__name__}: {first}") from None
     return shapes
+
+
+def check_index(folder: Path) -> None:
+    """Every shard model.safetensors.index.json names is in the folder."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise QuantscopeError(f"{index}: not a safetensors index (no weight_map)") from None
+    missing = sorted(f for f in files if not (folder / f).is_file())
+    if missing:
+        raise QuantscopeError(f"{folder}: shard {missing[0]} is named by model.safetensors.index.json but missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def check_tokenizer_files(folder: Path) -> None:

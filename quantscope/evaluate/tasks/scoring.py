@@ -75,6 +75,42 @@ def _accepted_kwargs(model: torch.nn.Module) -> set[str]:
         return set()
 
 
+def task_rows(pairs: list[tuple[list[int], list[int]]], max_length: int | None) -> list[_Row]:
+    """The distinct model inputs of `pairs` (requests with identical inputs share one row, as lm-eval's
+    cache does), longest first; inputs longer than `max_length` are truncated from the left."""
+    rows: dict[tuple[int, ...], _Row] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise QuantscopeError(f"a continuation encodes to zero tokens (request {i})")
+        if max_length is not None and len(cont) > max_length:
+            raise QuantscopeError(
+                f"a continuation of {len(cont)} tokens exceeds the model's {max_length}-token context"
+            )
+        full = list(ctx) + list(cont)
+        if max_length is not None and len(full) > max_length + 1:
+            full = full[-(max_length + 1) :]
+        inp = tuple(full[:-1])
+        rows.setdefault(inp, _Row(list(inp))).requests.append((i, list(cont)))
+    return sorted(rows.values(), key=lambda r: -len(r.tokens))
+
+
+def score_rows_from_hidden(rows: list[_Row], hidden: list[torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+                           n_requests: int) -> list[tuple[float, bool]]:
+    """:func:`loglikelihoods`' results from each row's final hidden states ([1, len, hidden] or [len, hidden])
+    and the model's head (final norm + lm_head): the streamed path, which never holds a whole model."""
+    results: list[tuple[float, bool] | None] = [None] * n_requests
+    with torch.inference_mode():
+        for row, h in zip(rows, hidden):
+            h = h.reshape(-1, h.shape[-1])
+            n = len(row.tokens)
+            for req, cont in row.requests:
+                c = len(cont)
+                lp = torch.log_softmax(head(h[n - c : n]).float(), dim=-1)
+                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
+                results[req] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(dim=-1) == target).all()))
+    return results  # type: ignore[return-value]
+
+
 def loglikelihoods(
     model: torch.nn.Module,
     pairs: list[tuple[list[int], list[int]]],
@@ -92,20 +128,7 @@ def loglikelihoods(
     """
     if batch_size < 1:
         raise QuantscopeError(f"batch size must be >= 1, got {batch_size}")
-    rows: dict[tuple[int, ...], _Row] = {}
-    for i, (ctx, cont) in enumerate(pairs):
-        if not cont:
-            raise QuantscopeError(f"a continuation encodes to zero tokens (request {i})")
-        if max_length is not None and len(cont) > max_length:
-            raise QuantscopeError(
-                f"a continuation of {len(cont)} tokens exceeds the model's {max_length}-token context"
-            )
-        full = list(ctx) + list(cont)
-        if max_length is not None and len(full) > max_length + 1:
-            full = full[-(max_length + 1) :]
-        inp = tuple(full[:-1])
-        rows.setdefault(inp, _Row(list(inp))).requests.append((i, list(cont)))
-    ordered = sorted(rows.values(), key=lambda r: -len(r.tokens))
+    ordered = task_rows(pairs, max_length)
 
     device = module_device(model)
     accepted = _accepted_kwargs(model)
@@ -163,12 +186,18 @@ def score_task(
     ``tokenizer`` needs only ``encode(text) -> list[int]`` (and ``bos_token_id``/``eos_token_id``
     for an empty context). Returns per-item correctness for paired comparisons.
     """
-    pairs: list[tuple[list[int], list[int]]] = []
-    for item in task.items:
-        for cont in item.continuations:
-            pairs.append(encode_pair(tokenizer, item.context, cont))
+    pairs = task_pairs(tokenizer, task)
     scored = loglikelihoods(model, pairs, batch_size=batch_size, max_length=_max_length(model), progress=progress)
+    return task_scores(task, pairs, scored)
 
+
+def task_pairs(tokenizer: Any, task: Task) -> list[tuple[list[int], list[int]]]:
+    """Every (context, continuation) token pair of the task's items, choice by choice."""
+    return [encode_pair(tokenizer, item.context, cont) for item in task.items for cont in item.continuations]
+
+
+def task_scores(task: Task, pairs: list[tuple[list[int], list[int]]], scored: list[tuple[float, bool]]) -> TaskScores:
+    """The task's per-item scores from each pair's (log-likelihood, greedy)."""
     loglik, correct, correct_norm, nll, ntok = [], [], [], [], []
     k = 0
     for item in task.items:
