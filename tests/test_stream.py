@@ -175,8 +175,8 @@ def test_plan_stream_parts_add_up(tmp_path, capsys):
                                 "--ctx", "64", "--json", str(out))
     assert code == 0 and "predicted peak, streamed" in text_out
     p = json.loads(out.read_text())
-    assert p["total_bytes"] == sum(p[k] for k in ("outside_bytes", "in_flight_bytes", "stream_bytes",
-                                                  "workspace_bytes", "runtime_bytes"))
+    assert p["total_bytes"] == p["outside_bytes"] + p["stream_bytes"] + p["runtime_bytes"] + max(
+        p["in_flight_bytes"] + p["workspace_bytes"], p["head_bytes"])
     cfg = json.loads((d / "config.json").read_text())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     assert p["outside_bytes"] == (2 * v * h + h) * 4  # embedding + untied head + final norm, float32

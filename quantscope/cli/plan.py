@@ -56,6 +56,8 @@ def _stream(args) -> int:
     from ..errors import QuantscopeError
     from ..plan.config import load_config
     from ..plan.geometry import geometry
+    from ..dtypes import short_name, torch_name as long_name
+    from ..placement import compute_dtype
     from ..plan.stream import stream_plan
 
     args.ctx = args.ctx or 512
@@ -63,19 +65,24 @@ def _stream(args) -> int:
         raise QuantscopeError("--windows must be at least 1 and --ctx at least 2")
     config = load_config(args.model)
     dtype = args.dtype or geometry(config).dtype
-    p = stream_plan(config, tuple(args.formats), args.windows, args.ctx, dtype, args.calib_samples, args.calib_seqlen)
+    compute = short_name(compute_dtype(long_name(dtype), "cpu"))  # (the planner's machine: this one's CPU)
+    p = stream_plan(config, tuple(args.formats), args.windows, args.ctx, dtype, args.calib_samples, args.calib_seqlen,
+                    compute=compute)
     gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
     o.out(args, f"streamed comparison of {args.model}: baseline in {dtype}, {', '.join(args.formats)}; "
                 f"{args.windows} windows x {args.ctx} tokens")
     for label, value in (("outside the blocks (embedding, norm, head)", p.outside_bytes),
                          ("one block in flight (float, copy, quantized)", p.in_flight_bytes),
                          ("hidden-state streams (baseline, formats, calibration)", p.stream_bytes),
-                         ("*workspace (activations, head chunk, rounding)", p.workspace_bytes),
+                         ("*blocks phase: activations, rounding workspace", p.workspace_bytes),
+                         ("*head phase: logits chunk (+ compute copy of the head)", p.head_bytes),
                          ("*runtime (Python, torch, transformers)", p.runtime_bytes),
                          ("predicted peak, streamed", p.total_bytes),
                          ("*in memory, for comparison", p.in_memory_bytes)):
         o.out(args, f"  {label:<56}{gib(value)}")
-    o.out(args, "* = estimate or assumption; the rest is exact from config.json (see quantscope.plan.stream)")
-    o.emit(args, {"model": args.model, "dtype": dtype, "formats": list(args.formats), "windows": args.windows,
+    o.out(args, "* = estimate or assumption; the rest is exact from config.json (see quantscope.plan.stream); "
+                "peak = outside + streams + runtime + the larger phase"
+                + (f"; blocks computed in {compute} on this CPU" if compute != dtype else ""))
+    o.emit(args, {"model": args.model, "dtype": dtype, "compute_dtype": compute, "formats": list(args.formats), "windows": args.windows,
                   "ctx": args.ctx, **p.to_dict()})
     return 0

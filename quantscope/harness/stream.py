@@ -169,8 +169,11 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
         xs_base, rests = _inputs(model, layers[0], windows, device, comp)
         lanes = [_lane(j, f, model, xs_base, windows, outside_sel, comp) for j, f in zip(jobs[1:], fmts[1:])]
         base_bytes, base_fwd = 0, 0.0
+        read_seconds = 0.0  # reading blocks from the shards
         for i, bname in enumerate(blocks):
+            t0 = time.perf_counter()
             block = source.load(layers[i], bname + ".", dtype, device)
+            read_seconds += time.perf_counter() - t0
             for lane in lanes:
                 _advance(lane, block, per_block[i], bname + ".", rests, comp)
             base_bytes += _real_bytes(block)
@@ -222,9 +225,16 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
                     "quantize_seconds": lane.quantize_seconds, "backend": "quantscope", "spec": lane.fmt.spec.to_dict(),
                     "notes": [*dict.fromkeys(lane.report["notes"]), *common_notes]})
         out.append(rec)
-    for rec, items in zip(out, task_items):
+    evaluate = [base_fwd] + [ln.forward_seconds for ln in lanes]
+    quantize = [0.0] + [ln.quantize_seconds for ln in lanes]
+    for rec, items, fwd, qsec in zip(out, task_items, evaluate, quantize):
         if items:
             rec["task_items"] = items
+        share = head_seconds / len(out)  # the head's scoring, shared evenly
+        rec["timings"] = {"load": read_seconds, "quantize": qsec, "reference" if rec["baseline"] else "evaluate": fwd + share,
+                          "total": total}
+        rec["eval_tokens_per_s"] = rec["tokens_scored"] / (fwd + share) if fwd + share > 0 else None
+        rec["kernel"] = "streamed (no speed loop)"
         rec.update({"prefill_tokens_per_s": None, "decode_tokens_per_s": None, "peak_rss_bytes": peak,
                     "peak_device_bytes": peak_dev, "streamed": True, "stream_seconds": total})
     return out

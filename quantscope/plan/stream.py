@@ -40,9 +40,10 @@ class StreamPlan:
     block_bytes: int  # one decoder block at the baseline dtype
     in_flight_bytes: int  # float block + copy being quantized + quantized block
     stream_bytes: int  # hidden-state streams (baseline + formats + calibration)
-    workspace_bytes: int  # ESTIMATE: activations, head chunk, rounding/Hessian workspace
+    workspace_bytes: int  # ESTIMATE, blocks phase: one window's activations, rounding/Hessian workspace
+    head_bytes: int  # ESTIMATE, head phase: one chunk of logits (+ the head's compute copy)
     runtime_bytes: int  # ASSUMED
-    total_bytes: int
+    total_bytes: int  # outside + streams + runtime + the larger phase (in flight + workspace, or head)
     in_memory_bytes: int  # the in-memory path's estimate, for the same formats
 
     def to_dict(self) -> dict:
@@ -54,16 +55,24 @@ def _bytes(name: str) -> int:
 
 
 def stream_plan(config: dict | Geometry, formats: Sequence[str], windows: int, ctx: int, dtype: str,
-                calib_samples: int = 128, calib_seqlen: int = 512) -> StreamPlan:
-    """Predicted peak memory of a streamed comparison of `formats` (the baseline at `dtype`)."""
+                calib_samples: int = 128, calib_seqlen: int = 512, compute: str | None = None) -> StreamPlan:
+    """Predicted peak memory of a streamed comparison of `formats` (the baseline stored in `dtype`, its blocks
+    computed in `compute`, by default `dtype`: see :func:`quantscope.placement.compute_dtype`).
+
+    The pass has two phases that do not overlap: the blocks (one in flight, with rounding's and the
+    activations' workspace) and the head (a compute-dtype copy of the head when the dtypes differ, and one
+    chunk of logits); the peak is the larger, on top of what both hold (runtime, outside parts, streams)."""
     from quantscope.evaluate.hidden import chunk_tokens
 
     g = geometry(config)
     el = _bytes(dtype)
+    cel = _bytes(compute) if compute else el
     tensors = model_tensors(g)
-    outside = sum(t.numel for t in tensors if ".layers." not in t.name) * el
+    outside_t = [t for t in tensors if ".layers." not in t.name]
+    outside = sum(t.numel for t in outside_t) * el
     block = [t for t in tensors if t.name.startswith("model.layers.0.")]
-    block_float = sum(t.numel for t in block) * el
+    block_params = sum(t.numel for t in block)
+    block_float = block_params * el
     specs = [parse_format(f) for f in formats]
     linears = [t for t in block if t.role == "linear"]
 
@@ -71,19 +80,23 @@ def stream_plan(config: dict | Geometry, formats: Sequence[str], windows: int, c
         return sum(storage_bytes(spec, *t.shape) for t in linears) + sum(t.numel for t in block if t.role != "linear") * el
 
     q_block = max((quantized(s) for s in specs), default=0)
-    in_flight = 2 * block_float + q_block
+    # a format's step holds the float block, its copy and the quantized result; the baseline's cast to the
+    # compute dtype holds the stored block and its compute copy
+    in_flight = max(2 * block_float + q_block, block_float + block_params * cel if cel != el else 0)
     calibrated = [s for s in specs if s.method in _CALIBRATED]
-    streams = (1 + len(specs)) * windows * ctx * g.hidden * el
+    streams = (1 + len(specs)) * windows * ctx * g.hidden * cel
     streams += len(calibrated) * calib_samples * calib_seqlen * g.hidden * 4
     largest = max(t.numel for t in linears)
     widest_in = max(t.shape[1] for t in linears)
-    work = activation_bytes(g, ctx, 1, RuntimeAssumptions(activation_dtype=dtype_name(dtype, "dtype")))
-    work += 16 * min(ctx, chunk_tokens(g.vocab)) * g.vocab  # head chunk: 4 float32 [chunk, vocab] arrays
-    work += 2 * largest * 4  # round-to-nearest works on a float32 copy of the weight and its codes
+    block_work = activation_bytes(g, ctx, 1, RuntimeAssumptions(activation_dtype=compute or dtype))
+    block_work += 2 * largest * 4  # round-to-nearest works on a float32 copy of the weight and its codes
     if calibrated:
-        work += 2 * widest_in * widest_in * 8
-    total = outside + in_flight + streams + work + RUNTIME_BYTES
-    return StreamPlan(outside, block_float, in_flight, streams, work, RUNTIME_BYTES, total,
+        block_work += 2 * widest_in * widest_in * 8
+    head_work = 16 * min(ctx, chunk_tokens(g.vocab)) * g.vocab  # 4 float32 [chunk, vocab] arrays
+    if cel != el:  # the head's compute copy (a tied head is the embedding's tensor: copied too)
+        head_work += (g.vocab * g.hidden + g.hidden) * cel
+    total = outside + max(in_flight + block_work, head_work) + streams + RUNTIME_BYTES
+    return StreamPlan(outside, block_float, in_flight, streams, block_work, head_work, RUNTIME_BYTES, total,
                       in_memory_bytes(g, formats, dtype))
 
 
