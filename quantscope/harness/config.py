@@ -119,6 +119,9 @@ class Job:
     gen_tokens: int = 0
     gen_baseline: tuple | None = None  # the baseline's continuations (the run fills them in for formats)
     streamed: bool = False  # measured by the streamed pass (harness.stream), not by a worker of its own
+    # where the streamed pass reads the weights when not from model_path: a GGUF file, read block by block
+    # (model_path is then its dequantized cache, which the streamed pass never builds nor reads)
+    source_path: str = ""
 
     @property
     def n_ctx(self) -> int:

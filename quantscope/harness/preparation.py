@@ -38,6 +38,9 @@ class Inputs:
     model_config: object
     text: object  # evaluate.text.TextSource
     ids: torch.Tensor
+    # a GGUF model's file (the embedded default, or a .gguf): the streamed pass reads it directly, and
+    # `path` (its dequantized cache) is built only when a run is in memory
+    gguf_file: str | None = None
     _texts: dict = field(default_factory=dict)  # other texts (calibration) tokenized: {ref: (source, ids)}
 
     def matches(self, config: CompareConfig) -> bool:
@@ -57,16 +60,20 @@ class Inputs:
 def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Inputs:
     """Resolve `model` (tokenizer, config, a read of every safetensors header) and tokenize `text`."""
     from ..evaluate.text import load_text, tokenize
-    from ..model.load import load_config, load_tokenizer, resolve as resolve_model
+    from ..model.load import cache_is_valid, gguf_file, load_config, load_tokenizer, resolve as resolve_model
 
-    kind, path, fingerprint, model_name = resolve_model(model)
+    kind, path, fingerprint, model_name = resolve_model(model, build_cache=False)
+    gguf = gguf_file(model) if kind in ("embedded", "gguf") else None
+    # a GGUF model's tokenizer and config come from its cache when it is built, else from the file
+    # itself (transformers' GGUF reader, metadata only), so a streamed run never builds the cache
+    read_from = gguf if gguf is not None and not cache_is_valid(Path(path)) else None
     shapes = None
     if kind == "local":  # missing or corrupt weights are the error to report, before the tokenizer's
         shapes = check_safetensors(Path(path))
         check_tokenizer_files(Path(path))
     try:
-        tok = load_tokenizer(path, trust_remote_code)
-        mcfg = load_config(path, trust_remote_code)
+        tok = load_tokenizer(path, trust_remote_code, gguf=read_from)
+        mcfg = load_config(path, trust_remote_code, gguf=read_from)
     except QuantscopeError:
         raise
     except Exception as e:
@@ -77,7 +84,7 @@ def load_inputs(model: str, text: str, trust_remote_code: bool = False) -> Input
         check_shapes(Path(path), shapes, mcfg, trust_remote_code)
     src = load_text(text)
     return Inputs(model, text, trust_remote_code, kind, str(path), fingerprint, model_name, tok, mcfg,
-                  src, tokenize(tok, src.text))
+                  src, tokenize(tok, src.text), gguf_file=str(gguf) if gguf is not None else None)
 
 
 def check_selection(model_config, include, exclude, trust_remote_code: bool = False) -> None:
@@ -223,10 +230,15 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
     ref_bytes = (config.windows * (config.ctx - score_from) + len(gen_ids) * config.gen_tokens) * vocab * 4
     cache_ref = ref_bytes <= config.reference_cache_bytes and not sweep and len(ordered) > 1
+    model_path = inputs.path
+    if inputs.gguf_file and not streamed:  # the in-memory path loads the GGUF's dequantized cache
+        from ..model.load import ensure_gguf_cache
+
+        model_path = str(ensure_gguf_cache(Path(inputs.gguf_file), Path(inputs.path)))
     jobs = []
     for f in ordered:
         is_base = f.name == base.name
-        jobs.append(Job(format=f.name, is_baseline=is_base, model_path=inputs.path, model_name=inputs.model_name,
+        jobs.append(Job(format=f.name, is_baseline=is_base, model_path=model_path, model_name=inputs.model_name,
                         model_ref=config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
                         windows=windows, score_from=score_from, calib=calib if f.needs_calibration else None,
                         include=config.include, exclude=config.exclude, speed=config.speed,
@@ -238,7 +250,7 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
         from .stream import check_streamable
 
         check_streamable(ordered[1:], getattr(mcfg, "model_type", None), jobs[0])
-        jobs = [replace(j, streamed=True, measure_speed=False) for j in jobs]
+        jobs = [replace(j, streamed=True, measure_speed=False, source_path=inputs.gguf_file or "") for j in jobs]
     if inputs.kind in ("embedded", "gguf", "compressed"):
         from ..model.load import dequantized_note
 
@@ -296,10 +308,10 @@ def _choose_stream(config: CompareConfig, inputs: Inputs, formats: list[str], dt
     from ..measure.machine import available_memory_bytes
     from ..plan.stream import stream_plan
 
-    if inputs.kind == "hub" or not list(Path(inputs.path).glob("*.safetensors")):
+    if not inputs.gguf_file and (inputs.kind == "hub" or not list(Path(inputs.path).glob("*.safetensors"))):
         if config.stream:
-            raise QuantscopeError(f"--stream reads safetensors shards from a local folder; {config.model} has none "
-                                  "(download it first, or run without --stream)")
+            raise QuantscopeError(f"--stream reads a GGUF file or safetensors shards from a local folder; "
+                                  f"{config.model} has none (download it first, or run without --stream)")
         return False
     try:
         plan = stream_plan(inputs.model_config.to_dict(), formats, config.windows, config.ctx, short_name(dtype),

@@ -1,10 +1,12 @@
 """Streamed evaluation: the baseline and every format measured in one pass over the decoder blocks,
 with the model never materialised whole.
 
-The model is a skeleton on the meta device (:mod:`quantscope.model.blocks`); its embedding, final norm
-and head are read once. The evaluation windows are embedded and the first block's inputs caught (the
-calibrated driver's capture: hidden states plus the keyword arguments the model passes its blocks).
-Then, block by block, the block is read from the shards and
+The model is a skeleton on the meta device (:mod:`quantscope.model.blocks`), its weights read from the
+safetensors shards or straight from a GGUF file (:mod:`quantscope.model.gguf_source`: the job's
+`source_path`, never a dequantized cache); its embedding, final norm and head are read once. The
+evaluation windows are embedded and the first block's inputs caught (the calibrated driver's capture:
+hidden states plus the keyword arguments the model passes its blocks). Then, block by block, the block
+is read from the weights and
 
 - for every format: a copy of the float block is quantized (own formats: round-to-nearest through the
   same module swap as in memory; GPTQ/AWQ: the calibrated driver's one-block step, on *that format's*
@@ -39,7 +41,7 @@ from ..errors import QuantscopeError
 from ..measure.memory import model_tensors, peak_device_bytes, peak_rss_bytes, reset_peak_device, tensor_bytes
 from ..methods.calib_capture import capture_inputs, cast_floats, run_block
 from ..methods.calibrate import CalibConfig, _batches, _check_calib, calibrate_block, forward_inputs
-from ..model.blocks import BlockSource, check_complete, release, streamed_skeleton
+from ..model.blocks import TensorSource, check_complete, open_source, release, streamed_skeleton
 from ..modules.names import block_prefix, block_names
 from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 from ..modules.swap import apply_plan, select_modules
@@ -107,7 +109,7 @@ def _head(model: nn.Module, comp: torch.dtype) -> Callable[[torch.Tensor], torch
     return lambda h: out(norm(h))
 
 
-def _load_outside(model: nn.Module, source: BlockSource, dtype: str, device: str) -> None:
+def _load_outside(model: nn.Module, source: TensorSource, dtype: str, device: str) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
     from ..dtypes import torch_dtype
@@ -140,8 +142,8 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
     reset_peak_device(base.device)
     dtype, device = base.dtype, base.device
     comp = getattr(torch, compute_dtype(dtype, device))
-    source = BlockSource(base.model_path)
     model = streamed_skeleton(model_config, dtype, base.trust_remote_code)
+    source = open_source(base.source_path or base.model_path, model)  # a GGUF file, or safetensors shards
     _load_outside(model, source, dtype, device)
     blocks = block_names(model)
     if not blocks:

@@ -9,6 +9,9 @@ not stay resident: peak memory is that of the part in flight, not of the checkpo
 
 The shards are checked up front: every file an index names must exist, every tensor the skeleton
 has must be stored (a tied head excepted), with the shape the config gives.
+
+A GGUF file is read the same way, tensor by tensor (:class:`.gguf_source.GGUFBlockSource`):
+:func:`open_source` picks the reader for a path, and the streamed pass sees only :class:`TensorSource`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,47 @@ from ..errors import QuantscopeError
 from .checks import check_safetensors
 
 
-class BlockSource:
+class TensorSource:
+    """A model's weights read by Hugging Face tensor name: `shapes` ({name: shape}), :meth:`read`,
+    :meth:`nbytes` (stored bytes) and :meth:`load` (a module filled from them); `folder` names the
+    weights in messages."""
+
+    folder: Path
+    shapes: dict[str, tuple]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self, names) -> int:
+        raise NotImplementedError
+
+    def load(self, module: nn.Module, prefix: str, dtype: str, device: str) -> nn.Module:
+        """Fill `module`'s parameters (state-dict names under `prefix`) from the weights, cast to `dtype`
+        on `device`; buffers are moved to `device` as they are."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = [n for n, _ in module.named_parameters()]
+        tensors = self.read([prefix + n for n in names])
+        dt = torch_dtype(dtype)
+        for n in names:
+            set_module_tensor_to_device(module, n, device, value=tensors.pop(prefix + n), dtype=dt)
+        for n, b in list(module.named_buffers()):
+            if b.device != torch.device(device) and b.device.type != "meta":
+                set_module_tensor_to_device(module, n, device, value=b)
+        return module
+
+
+def open_source(path: str | Path, model: nn.Module) -> TensorSource:
+    """The weights at `path` for the skeleton `model`: a GGUF file, else a safetensors model folder."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from .gguf_source import GGUFBlockSource
+
+        return GGUFBlockSource(path, model)
+    return BlockSource(path)
+
+
+class BlockSource(TensorSource):
     """The safetensors weights of a local model folder, read by tensor name."""
 
     def __init__(self, folder: str | Path):
@@ -68,21 +111,6 @@ class BlockSource:
                     out[n] = h.get_tensor(n)
         return out
 
-    def load(self, module: nn.Module, prefix: str, dtype: str, device: str) -> nn.Module:
-        """Fill `module`'s parameters (state-dict names under `prefix`) from the weights, cast to `dtype`
-        on `device`; buffers are moved to `device` as they are."""
-        from accelerate.utils import set_module_tensor_to_device
-
-        names = [n for n, _ in module.named_parameters()]
-        tensors = self.read([prefix + n for n in names])
-        dt = torch_dtype(dtype)
-        for n in names:
-            set_module_tensor_to_device(module, n, device, value=tensors.pop(prefix + n), dtype=dt)
-        for n, b in list(module.named_buffers()):
-            if b.device != torch.device(device) and b.device.type != "meta":
-                set_module_tensor_to_device(module, n, device, value=b)
-        return module
-
 
 def streamed_skeleton(config, dtype: str, trust_remote_code: bool = False) -> nn.Module:
     """The model `config` describes with its parameters on the meta device (no memory) and its buffers
@@ -100,7 +128,7 @@ def streamed_skeleton(config, dtype: str, trust_remote_code: bool = False) -> nn
     return model.eval()
 
 
-def check_complete(model: nn.Module, source: BlockSource) -> bool:
+def check_complete(model: nn.Module, source: TensorSource) -> bool:
     """Every parameter the skeleton has is stored with its shape; True when the output head is tied to the
     embedding (then it is not stored, and shares the embedding's tensor once that is loaded)."""
     head = model.get_output_embeddings()

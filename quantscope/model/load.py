@@ -122,15 +122,37 @@ def _build_gguf_cache(gguf: Path, dest: Path) -> None:
     _build_cache(gguf, dest, lambda tmp: _dequantize_gguf(gguf, tmp), "GGUF file")
 
 
-def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
-    """The cache folder for a GGUF file, building (or rebuilding a corrupt) entry when needed."""
+def gguf_cache_dir(gguf: Path, build: bool = True) -> tuple[Path, str]:
+    """The cache folder for a GGUF file, building (or rebuilding a corrupt) entry when needed; with
+    `build` False only its name (the streamed path reads the GGUF file itself: :func:`ensure_gguf_cache`
+    builds the entry when an in-memory run needs it)."""
     if not gguf.is_file():
         raise QuantscopeError(f"GGUF file not found: {gguf}")
     digest = sha256_file(gguf)
     dest = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if build:
+        ensure_gguf_cache(gguf, dest)
+    return dest, digest
+
+
+def ensure_gguf_cache(gguf: Path, dest: Path) -> Path:
+    """`dest`, the cache entry of `gguf` (from :func:`gguf_cache_dir`), built now unless it is valid."""
     if not _cache_valid(dest):
         _build_gguf_cache(gguf, dest)
-    return dest, digest
+    return dest
+
+
+def cache_is_valid(d: Path) -> bool:
+    """A built cache entry whose weights match its manifest."""
+    return _cache_valid(Path(d))
+
+
+def gguf_file(ref) -> Path | None:
+    """The GGUF file a model ref names (the embedded default, or a .gguf path), else None."""
+    if ref in ("default", "", None):
+        return embedded_gguf_path()
+    p = Path(ref).expanduser()
+    return p if p.suffix == ".gguf" else None
 
 
 def dequantized_note(kind: str, dtype: str) -> str:
@@ -171,14 +193,15 @@ def _dir_fingerprint(d: Path) -> str:
     return h.hexdigest()
 
 
-def resolve(ref: str) -> tuple[str, Path | str, str, str]:
-    """(kind, path or hub id to load with from_pretrained, fingerprint, human name) for a model ref."""
+def resolve(ref: str, build_cache: bool = True) -> tuple[str, Path | str, str, str]:
+    """(kind, path or hub id to load with from_pretrained, fingerprint, human name) for a model ref.
+    For a GGUF file the path is its dequantized cache, built unless `build_cache` is False."""
     if ref in ("default", "", None):
-        d, digest = gguf_cache_dir(embedded_gguf_path())
+        d, digest = gguf_cache_dir(embedded_gguf_path(), build_cache)
         return "embedded", d, "gguf-sha256:" + digest, EMBEDDED_NAME
     p = Path(ref).expanduser()
     if p.suffix == ".gguf":
-        d, digest = gguf_cache_dir(p)
+        d, digest = gguf_cache_dir(p, build_cache)
         return "gguf", d, "gguf-sha256:" + digest, f"{p.name} (GGUF, dequantized to FP32)"
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
@@ -196,18 +219,24 @@ def resolve(ref: str) -> tuple[str, Path | str, str, str]:
     return "hub", where, "hub:" + ref, ref
 
 
-def load_tokenizer(path, trust_remote_code: bool = False):
+def load_tokenizer(path, trust_remote_code: bool = False, gguf: Path | None = None):
+    """The tokenizer of the model folder `path`, or (`gguf`) the one transformers builds from a GGUF file."""
     from transformers import AutoTokenizer
 
+    where = {"gguf_file": gguf.name} if gguf is not None else {}
     with _quiet():
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(gguf.parent if gguf is not None else path,
+                                             trust_remote_code=trust_remote_code, **where)
 
 
-def load_config(path, trust_remote_code: bool = False):
+def load_config(path, trust_remote_code: bool = False, gguf: Path | None = None):
+    """The config of the model folder `path`, or (`gguf`) the one transformers parses from a GGUF file."""
     from transformers import AutoConfig
 
+    where = {"gguf_file": gguf.name} if gguf is not None else {}
     with _quiet():
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(gguf.parent if gguf is not None else path,
+                                          trust_remote_code=trust_remote_code, **where)
 
 
 def load_model(ref: str = "default", dtype: str = "auto", trust_remote_code: bool = False,
