@@ -61,8 +61,8 @@ def _transformers_state(path):
 def test_tensors_equal_transformers_gguf_load(tiny_gguf):
     from gguf.quants import dequantize
 
-    from quantscope.model.blocks import check_complete, open_source, streamed_skeleton
-    from quantscope.model.gguf_source import GGUFBlockSource
+    from quantscope.model.blocks import check_complete, streamed_skeleton
+    from quantscope.model.gguf_source import GGUFBlockSource, open_source
 
     config, want = _transformers_state(tiny_gguf)
     skel = streamed_skeleton(config, "float32")

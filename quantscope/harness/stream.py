@@ -41,7 +41,8 @@ from ..errors import QuantscopeError
 from ..measure.memory import model_tensors, peak_device_bytes, peak_rss_bytes, reset_peak_device, tensor_bytes
 from ..methods.calib_capture import capture_inputs, cast_floats, run_block
 from ..methods.calibrate import CalibConfig, _batches, _check_calib, calibrate_block, forward_inputs
-from ..model.blocks import TensorSource, check_complete, open_source, release, streamed_skeleton
+from ..model.blocks import TensorSource, check_complete, release, streamed_skeleton
+from ..model.gguf_source import open_source
 from ..modules.names import block_prefix, block_names
 from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 from ..modules.swap import apply_plan, select_modules

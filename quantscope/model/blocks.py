@@ -10,8 +10,8 @@ not stay resident: peak memory is that of the part in flight, not of the checkpo
 The shards are checked up front: every file an index names must exist, every tensor the skeleton
 has must be stored (a tied head excepted), with the shape the config gives.
 
-A GGUF file is read the same way, tensor by tensor (:class:`.gguf_source.GGUFBlockSource`):
-:func:`open_source` picks the reader for a path, and the streamed pass sees only :class:`TensorSource`.
+A GGUF file is read the same way, tensor by tensor (:class:`.gguf_source.GGUFBlockSource`;
+:func:`.gguf_source.open_source` picks the reader for a path): the streamed pass sees only :class:`TensorSource`.
 """
 
 from __future__ import annotations
@@ -55,16 +55,6 @@ class TensorSource:
             if b.device != torch.device(device) and b.device.type != "meta":
                 set_module_tensor_to_device(module, n, device, value=b)
         return module
-
-
-def open_source(path: str | Path, model: nn.Module) -> TensorSource:
-    """The weights at `path` for the skeleton `model`: a GGUF file, else a safetensors model folder."""
-    path = Path(path)
-    if path.suffix == ".gguf":
-        from .gguf_source import GGUFBlockSource
-
-        return GGUFBlockSource(path, model)
-    return BlockSource(path)
 
 
 class BlockSource(TensorSource):

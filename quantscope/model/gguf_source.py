@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
-from .blocks import TensorSource
+from .blocks import BlockSource, TensorSource
+
+
+def open_source(path: str | Path, model: nn.Module) -> TensorSource:
+    """The weights at `path` for the skeleton `model`: a GGUF file, else a safetensors model folder."""
+    path = Path(path)
+    return GGUFBlockSource(path, model) if path.suffix == ".gguf" else BlockSource(path)
 
 
 def _first_line(e: Exception) -> str:
