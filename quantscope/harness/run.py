@@ -120,21 +120,33 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
                 if rec.get("error") and job.is_baseline:
                     raise QuantscopeError(f"the baseline could not be measured: {rec['error']}")
                 if run_dir is not None and not rec.get("error"):
-                    if store is None:
-                        store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO)
-                    store.put(key, rec)
+                    store = _put(store, run_dir, prep.meta, key, rec)
             if job.is_baseline and job.gen_prompts:
                 gen_base = _continuations(rec)
             if on_record:
                 on_record(rec)
             records.append(rec)
-        add_paired_statistics(records)
-        if store:
-            store.update_meta({"last_formats": [r["format"] for r in records]})
+        _pair(records, store)
     finally:
         if store:
             store.close()
     return records, prep.meta
+
+
+def _put(store, run_dir, meta: dict, key: str, rec: dict):
+    """Store a finished record; the run directory is created with the first one. Returns the store."""
+    from ..results.store import RunStore
+
+    if store is None:
+        store = RunStore.open(run_dir, meta=meta, same=RUN_BELONGS_TO)
+    store.put(key, rec)
+    return store
+
+
+def _pair(records: list[dict], store) -> None:
+    add_paired_statistics(records)
+    if store:
+        store.update_meta({"last_formats": [r["format"] for r in records]})
 
 
 def _continuations(rec: dict) -> tuple:
@@ -144,7 +156,6 @@ def _continuations(rec: dict) -> tuple:
 def _compare_streamed(prep, store, run_dir, on_record) -> list[dict]:
     """The streamed pass (harness.stream) over the baseline and every format not already stored; the
     baseline is streamed again whenever a format is (its hidden states are every format's reference)."""
-    from ..results.store import RunStore
     from .stream import stream_jobs
 
     keys = [job_key(j) if run_dir is not None else None for j in prep.jobs]
@@ -172,15 +183,11 @@ def _compare_streamed(prep, store, run_dir, on_record) -> list[dict]:
             else:
                 rec = fresh[job.format]
                 if run_dir is not None:
-                    if store is None:
-                        store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO)
-                    store.put(key, rec)
+                    store = _put(store, run_dir, prep.meta, key, rec)
             if on_record:
                 on_record(rec)
             records.append(rec)
-        add_paired_statistics(records)
-        if store:
-            store.update_meta({"last_formats": [r["format"] for r in records]})
+        _pair(records, store)
     finally:
         if store:
             store.close()
