@@ -119,3 +119,20 @@ def test_truncated_gguf_is_one_line(tiny_gguf, text, tmp_path, capsys):
         code, _, err = run_cli(capsys, "compare", "--model", str(bad), "--text", str(text), "--formats", "int8",
                                "--windows", "2", "--ctx", "64", "--no-speed", "--no-store", "--stream")
         assert_one_line_error(code, err, name)
+
+
+@pytest.mark.integration
+def test_embedded_model_streamed_from_gguf_equals_in_memory(tmp_path, monkeypatch):
+    """The embedded Q4_1 SmolLM2 streamed from its GGUF file, with no dequantized cache anywhere, gives the
+    in-memory figures (which load the cache)."""
+    from quantscope.api import CompareConfig, compare
+    from quantscope.fileio import cache_root
+
+    default_cache = cache_root()
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(tmp_path / "cache"))
+    kw = dict(model="default", formats=("fp32", "int8"), ctx=128, windows=2, measure_speed=False, isolate=False)
+    streamed, _ = compare(CompareConfig(**kw, stream=True))
+    assert not (tmp_path / "cache" / "models").exists()
+    monkeypatch.setenv("QUANTSCOPE_CACHE", str(default_cache))  # in memory: the cache, built once per machine
+    mem, _ = compare(CompareConfig(**kw, stream=False))
+    _same(mem, streamed)
