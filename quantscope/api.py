@@ -19,12 +19,14 @@ from .harness.config import DEFAULT_FORMATS, CompareConfig
 from .harness.generate import GenerateConfig, Generator, load_generator
 from .harness.pairing import add_paired_statistics, paired_tasks
 from .harness.recommend import RecommendConfig, recommend_format
+from .harness.recover import RecoverRunConfig, run_recover
 from .harness.recommend import target_and_ladder as recommend_target
 from .harness.run import compare, default_run_dir
 from .harness.sensitivity import SensitivityConfig
 from .harness.sensitivity import run_sensitivity as sensitivity
 from .measure.speed import SpeedConfig
 from .methods.calibrate import CalibConfig
+from .methods.recover_config import RecoverConfig
 from .model.load import LoadedModel, load_model
 from .quantization import Format, QuantizeOptions, Quantized, resolve
 from .quantization import quantize as _quantize
@@ -37,7 +39,7 @@ __all__ = ["DEFAULT_FORMATS", "parse_memory", "CompareConfig", "compare", "defau
            "CalibConfig", "list_formats", "SpeedConfig", "SensitivityConfig", "sensitivity", "store_sensitivity",
            "RecommendConfig", "recommend_format", "recommend_target", "SaveConfig", "save", "PlanConfig",
            "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep", "GenerateConfig", "Generator",
-           "load_generator"]
+           "load_generator", "RecoverConfig", "RecoverRunConfig", "run_recover"]
 
 
 def quantize(model: torch.nn.Module, fmt: str | Format, include: Iterable[str] = (), exclude: Iterable[str] = (),

@@ -12,7 +12,9 @@ one handler per config type behind ``quantize_(model, config)``):
 - ``calibrated``: GPTQ / AWQ / AWQ+GPTQ on calibration token sequences
   (:mod:`quantscope.methods.calibrate`), into the same packed storage as round-to-nearest;
 - ``mixed``: a format per layer (:mod:`quantscope.methods.mixed`);
-- ``library``: an external library's format (:mod:`quantscope.backends`), imported only here.
+- ``library``: an external library's format (:mod:`quantscope.backends`), imported only here;
+- ``recovered``: ``<format>+lora[-merged]...``: another format with LoRA adapters trained on the
+  calibration tokens (:mod:`quantscope.methods.recover`), kept or merged and requantized.
 
 Method settings that are not part of a format's name (calibration batch size, AWQ's grid and
 clipping) are :class:`quantscope.methods.calibrate.CalibConfig`, passed in the options.
@@ -73,6 +75,8 @@ class Format:
 def resolve(name: str) -> Format:
     """The one place a format name is resolved; unknown names get one error with the closest names."""
     key = name.strip().lower()
+    if "+lora" in key:
+        return _resolve_recovered(key)
     if key.startswith("mixed-"):
         from .methods.mixed import parse_mixed
 
@@ -87,6 +91,25 @@ def resolve(name: str) -> Format:
             raise UnknownFormatError(f"unknown format '{name}'" + suggest(key, tuple(BACKEND_FORMATS))) from None
         raise
     return Format(spec.name, "calibrated" if spec.calibrated else "own", spec)
+
+
+def _resolve_recovered(key: str) -> Format:
+    from .methods.recover_config import parse_recovered, with_outcome
+
+    spec = parse_recovered(key)
+    base = resolve(spec.base)
+    lib_4bit = base.kind == "library" and base.spec.option("kind") == "4bit"
+    if base.kind == "recovered" or (base.kind == "library" and not lib_4bit) or (
+            base.kind == "own" and base.spec.is_lossless_fp32):
+        raise QuantscopeError(f"'{key}': nothing to adapt in {base.name} (LoRA recovery works on quantscope's own "
+                              "formats, gptq-/awq-/mixed- formats and bnb-nf4/bnb-fp4)")
+    if spec.config.init == "loftq" and base.kind == "calibrated":
+        raise QuantscopeError(f"'{key}': LoftQ alternates round-to-nearest quantization with an SVD; {base.name}'s "
+                              f"codes come from {base.spec.method.upper()} calibration: use plain init or {base.spec.rtn().name}")
+    if spec.outcome == "merged-rtn" and base.kind != "calibrated":
+        spec = with_outcome(spec, "merged")  # round-to-nearest is the base's own method
+    spec = with_outcome(replace(spec, base=base.name), spec.outcome)  # named with the base's canonical name
+    return Format(spec.name, "recovered", spec)
 
 
 def as_format(fmt: "str | Format | FormatSpec") -> Format:
@@ -109,6 +132,9 @@ class QuantizeOptions:
     progress: Progress | None = None
     calib_config: Any = None  # methods.calibrate.CalibConfig (batch size, AWQ grid/clipping); None: defaults
     sensitivity_cache: Any = None  # methods.sensitivity.SensitivityCache for mixed-auto's scan
+    # recovered formats: where LoRA training keeps its checkpoints (a run directory's `recover/`);
+    # None: quantscope's cache
+    work_dir: str | None = None
 
     def calib_list(self, fmt: Format) -> list[torch.Tensor]:
         if self.calib is None or len(self.calib) == 0:
@@ -224,9 +250,42 @@ def _library(model: nn.Module, fmt: Format, opts: QuantizeOptions) -> Quantized:
     return Quantized(model, storage=list(backend.storage_tensors(model)), record=record)
 
 
+@handler("recovered")
+def _recovered(model: nn.Module, fmt: Format, opts: QuantizeOptions) -> Quantized:
+    from .methods.recover import recover_model
+
+    spec = fmt.spec
+    base = resolve(spec.base)
+
+    def quantize_base(m):
+        done = HANDLERS[base.kind](m, base, opts)
+        return done.model, list(done.notes)
+
+    def requantize_calibrated(m):
+        return list(HANDLERS["calibrated"](m, base, opts).notes)
+
+    root = opts.work_dir
+    if root is None:
+        from .model.load import cache_root
+
+        root = str(cache_root() / "recover")
+    out = recover_model(model, spec, opts.calib_list(fmt), root, quantize_base,
+                        requantize_calibrated if base.kind == "calibrated" else None,
+                        selection=(opts.include, opts.exclude), progress=opts.progress)
+    storage = None
+    if base.kind == "library":  # the library's storage walk, over the adapted (or merged) model
+        from .backends import load_backend
+
+        storage = list(load_backend(base.name).storage_tensors(out.model))
+    return Quantized(out.model, storage=storage, notes=out.notes, record={"recover": out.record})
+
+
 def own_parts(fmt: "str | Format") -> list[Format]:
     """The own formats a format stores layers in: itself, or a mixed plan's ladder / two formats."""
     fmt = as_format(fmt)
+    if fmt.kind == "recovered":
+        raise QuantscopeError(f"'{fmt.name}' is a LoRA-recovered format: save its base ({fmt.spec.base}) or merge and "
+                              "save with your own tools; quantscope does not write adapters into checkpoints")
     if fmt.kind == "mixed":
         s = fmt.spec
         return [resolve(n) for n in (s.ladder if s.kind == "auto" else (s.base, s.wide))]

@@ -62,6 +62,11 @@ def _4bit_linear(lin: nn.Linear, quant_type: str, double_quant: bool) -> nn.Modu
     return new
 
 
+def requantize_4bit(lin: nn.Linear, like: nn.Module) -> nn.Module:
+    """`lin` quantized into the 4-bit format of `like`, a Linear4bit (LoRA merging and LoftQ)."""
+    return _4bit_linear(lin, like.weight.quant_type, bool(like.weight.compress_statistics))
+
+
 def quantize(model: nn.Module, fmt: BackendFormat, include: Include,
              calib: list[torch.Tensor] | None = None) -> nn.Module:
     """Replace the selected nn.Linear modules of `model` in place; `calib` is unused (RTN)."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 
 from ..errors import QuantscopeError, one_line
-from . import compare, formats, generate, plan, recommend, runs, save, sensitivity, sweep
+from . import compare, formats, generate, plan, recommend, recover, runs, save, sensitivity, sweep
 from .options import Parser, check_output_path
 
 _COMMANDS = (compare.add_parser, formats.add_parser, runs.add_parsers, sweep.add_parser, sensitivity.add_parser,
-             recommend.add_parser, save.add_parser, plan.add_parser, generate.add_parser)
+             recommend.add_parser, save.add_parser, plan.add_parser, generate.add_parser,
+             recover.add_parser)
 
 
 def build_parser() -> Parser:

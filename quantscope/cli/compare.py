@@ -68,6 +68,7 @@ def config_from(args):
 def run(args) -> int:
     from ..api import compare, default_run_dir
     from ..fileio import write_json_atomic
+    from ..report.recovery import recovery_table
     from ..report.terminal import comparison_table, ctx_sweep_table, generation_table, record_notes, task_table
 
     cfg = config_from(args)
@@ -90,7 +91,7 @@ def run(args) -> int:
         o.out(args, f"note: {n}")
     o.out(args)
     o.out(args, comparison_table(records))
-    for extra in (task_table(records), ctx_sweep_table(records), generation_table(records)):
+    for extra in (task_table(records), ctx_sweep_table(records), generation_table(records), recovery_table(records)):
         if extra:
             o.out(args, extra)
     for line in record_notes(records):

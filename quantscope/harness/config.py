@@ -122,6 +122,7 @@ class Job:
     # where the streamed pass reads the weights when not from model_path: a GGUF file, read block by block
     # (model_path is then its dequantized cache, which the streamed pass never builds nor reads)
     source_path: str = ""
+    work_dir: str | None = None  # LoRA-recovered formats keep their training checkpoints here (run dir)
 
     @property
     def n_ctx(self) -> int:

@@ -61,6 +61,9 @@ def add_paired_statistics(records: list[dict]) -> None:
             r["tasks"] = _task_summaries(r, base)
             if r is not base and not r.get("baseline"):
                 r["task_categories"] = _category_summaries(r, base)
+    from .recovery import add_recovery_statistics
+
+    add_recovery_statistics(records)  # LoRA-recovered rows: the share of their format's gap won back
 
 
 def _task_summaries(r: dict, base: dict) -> dict:

@@ -205,6 +205,15 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     overlap = calibration_overlap(calib, windows) if calib is not None else None
     # disjoint text still shares common phrases (0.3% of 8-grams between disjoint halves of
     # WikiText-2 test, measured); 2% and above means the same passages are in both
+    trains = [f.name for f in formats if f.kind == "recovered"]
+    if trains and not start and overlap is not None and overlap >= 0.02:  # (the same text: disjoint by construction)
+        raise QuantscopeError(f"{100 * overlap:.1f}% of the evaluation's 8-token sequences also occur in the training "
+                              f"text of {trains[0]}: LoRA would be scored on text it was trained on; train on "
+                              "another text, or on the evaluation file itself (its head is cut off, disjoint)")
+    if trains and calib is not None:
+        notes.append(f"LoRA training ({', '.join(trains)}) uses these calibration tokens: "
+                     + ("the evaluation windows start after them, disjoint spans of the same text" if start
+                        else f"checked: {100 * (overlap or 0):.2f}% of the evaluation's 8-token sequences occur in them"))
     if overlap is not None and overlap >= 0.02:
         notes.append(f"WARNING: {100 * overlap:.1f}% of the evaluation's 8-token sequences also occur in the "
                      "calibration data: calibrated formats are being scored partly on text they were fitted to")

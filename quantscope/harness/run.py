@@ -100,6 +100,8 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     try:
         for job in prep.jobs:
             key = job_key(job) if run_dir is not None else None
+            if run_dir is not None:  # LoRA-recovered formats train (and resume) inside the run directory
+                job = replace(job, work_dir=os.path.join(str(run_dir), "recover"))
             rec = store.get(key) if store else None
             if job.gen_prompts and not job.is_baseline:
                 job = replace(job, gen_baseline=gen_base)

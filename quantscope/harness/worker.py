@@ -106,8 +106,14 @@ def _options(job: Job, kind: str) -> QuantizeOptions:
         from ..model.load import cache_root
 
         cache = SensitivityCache(cache_root() / "sensitivity", f"{job.common['model_fingerprint']}|{job.dtype}")
+    work = job.work_dir
+    if kind == "recovered" and work is None:  # no run directory: LoRA checkpoints in the cache, per model
+        from ..model.load import cache_root
+
+        work = str(cache_root() / "recover" / job.common["model_fingerprint"][:16])
     return QuantizeOptions(include=job.include, exclude=job.exclude, calib=job.calib, source=job.model_ref,
-                           n_ctx=job.n_ctx, progress=_bars() if job.progress else None, sensitivity_cache=cache)
+                           n_ctx=job.n_ctx, progress=_bars() if job.progress else None, sensitivity_cache=cache,
+                           work_dir=work)
 
 
 def measure_format(job: Job, progress: Callable | None = None, refs=None) -> dict:
