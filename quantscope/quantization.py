@@ -98,7 +98,7 @@ def _resolve_recovered(key: str) -> Format:
 
     spec = parse_recovered(key)
     base = resolve(spec.base)
-    lib_4bit = base.kind == "library" and base.spec.option("kind") == "4bit"
+    lib_4bit = base.kind == "library" and base.spec.backend == "bitsandbytes" and dict(base.spec.options).get("kind") == "4bit"
     if base.kind == "recovered" or (base.kind == "library" and not lib_4bit) or (
             base.kind == "own" and base.spec.is_lossless_fp32):
         raise QuantscopeError(f"'{key}': nothing to adapt in {base.name} (LoRA recovery works on quantscope's own "
