@@ -62,6 +62,8 @@ class Format:
     @property
     def backend(self) -> str:
         """Who stores and runs the quantized weights: 'quantscope' or the library's name."""
+        if self.kind == "recovered":  # adapters on a library's layers (bnb-nf4+lora): that library's
+            return resolve(self.spec.base).backend
         return self.spec.backend if self.kind == "library" else "quantscope"
 
     def storage_bytes(self, out_features: int, in_features: int) -> int:

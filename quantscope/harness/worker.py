@@ -232,7 +232,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     rec["peak_rss_bytes"] = max(peak_before, peak_rss_bytes())
     rec["peak_device_bytes"] = peak_device_bytes(job.device)
     if fmt.kind != "library":
-        rec["backend"] = "quantscope"
+        rec["backend"] = fmt.backend
         rec["spec"] = fmt.spec.to_dict()
     if task_items:
         rec["task_items"] = {k: v.to_dict() for k, v in task_items.items()}

@@ -115,6 +115,10 @@ def inject(model: nn.Module, config: RecoverConfig, names: list[str]) -> None:
         torch.manual_seed(config.seed)
         peft.inject_adapter_in_model(cfg, model)
     model.requires_grad_(False)
+    for layer in lora_layers(model).values():  # beside their base (peft looks for a weight QuantLinear lacks)
+        dev = _weight_device(layer.base_layer)
+        layer.lora_A.to(dev)
+        layer.lora_B.to(dev)
     for p in adapter_parameters(model):
         p.requires_grad_(True)
 
