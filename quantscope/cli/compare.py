@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
                    help="read the model block by block and measure every format in one pass, never holding it whole "
                         "(default: when the planner says the in-memory run does not fit in the memory available)")
     o.add_process(c)
+    o.add_verbose(c)
     o.add_json(c, "the records (after every format, atomically)")
     c.add_argument("--out", default=None, help="run directory (default quantscope-runs/<model>-<text>-<hash>); re-running resumes")
     c.add_argument("--no-store", action="store_true", help="do not store records in a run directory")
@@ -79,6 +80,7 @@ def run(args) -> int:
         status = "skipped: " + rec["error"] if rec.get("error") else (
             f"ppl {rec['perplexity']:.3f}, KLD {rec['kld_mean']:.4f}, {rec['bits_per_weight']:.2f} bits/w")
         o.note(args, f"[{len(done)}] {rec['format']}: {status}")
+        o.timing_note(args, rec)
         if args.json and not o.json_to_stdout(args):  # after every format: a killed run keeps what it finished
             write_json_atomic(args.json, done)
 

@@ -95,6 +95,23 @@ def add_process(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="after each format, where its time went (load, quantize, reference/evaluation, speed) on stderr")
+
+
+def timing_note(args, rec: dict) -> None:
+    """--verbose: one line per record with its phases, tokens scored per second and kernel."""
+    if not getattr(args, "verbose", False) or rec.get("error"):
+        return
+    from ..harness.timings import describe
+
+    state = "reused: measured earlier" if rec.get("reused") else "time"
+    eps = rec.get("eval_tokens_per_s")
+    note(args, f"    {state}: {describe(rec.get('timings'))}" + (f"; {eps:.0f} tokens scored/s" if eps else "")
+         + (f"; kernel {rec['kernel']}" if rec.get("kernel") else ""))
+
+
 def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help=f"write {what} as JSON to PATH ('-': print to stdout instead of the tables)")

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     rc.add_argument("--out", default=None, help="run directory (default: the one 'compare' uses for these settings)")
     rc.add_argument("--no-isolate", action="store_true", help="measure in this process")
     o.add_process(rc)
+    o.add_verbose(rc)
     rc.set_defaults(func=run)
 
 
@@ -54,6 +55,7 @@ def run(args) -> int:
     def show(rec):
         state = "reused" if rec.get("reused") else "measured"
         o.note(args, f"[{state}] {rec['format']}" + (f": error {rec['error']}" if rec.get("error") else ""))
+        o.timing_note(args, rec)
 
     decision, target, run_dir = recommend_format(cfg, on_record=show, note=o.warn)
     o.out(args, f"target: {target.describe()}; a format passes when the upper end of its 95% interval meets it")

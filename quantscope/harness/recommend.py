@@ -17,6 +17,7 @@ from ..recommend import DEFAULT_LADDER, Decision, Ladder, Target, recipe_ladder,
 from .config import CompareConfig
 from .preparation import load_inputs, placement
 from .run import compare, default_run_dir
+from .worker import ReferenceStore
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,11 @@ def recommend_format(config: RecommendConfig, on_record: Callable[[dict], None] 
                    reserve_calib=True)  # every step on the same windows, calibrated or not
     run_dir = config.run_dir or default_run_dir(base)
 
+    refs = ReferenceStore()  # the baseline's reference pass runs once for the whole ladder
+
     def measure(fmt: str) -> dict:
-        records, _ = compare(replace(base, formats=(fmt,)), on_record=on_record, run_dir=run_dir, inputs=inputs)
+        records, _ = compare(replace(base, formats=(fmt,)), on_record=on_record, run_dir=run_dir, inputs=inputs,
+                             refs=refs)
         return next(r for r in records if r["format"] == fmt)
 
     sizes = planned_sizes(base.model, base.dtype, base.include, base.exclude, note=note)

@@ -79,10 +79,13 @@ def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str
 
 def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = None,
             run_dir: str | os.PathLike | None = None, inputs: Inputs | None = None,
-            on_note: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+            on_note: Callable[[str], None] | None = None,
+            refs: ReferenceStore | None = None) -> tuple[list[dict], dict]:
     """Run the comparison: (records, meta). `on_record` sees each record as it is finished; `on_note`
     the line saying a run is streamed, before it starts. `inputs` (from an earlier prepare with the same
-    model and text) skips loading them again."""
+    model and text) skips loading them again; `refs` (from an earlier call with the same baseline and
+    windows) keeps the baseline's log-probabilities, so a later call measuring more formats does not run
+    the reference pass again (recommend's ladder)."""
     from ..results.store import RunStore
 
     prep = prepare(config, inputs)
@@ -95,7 +98,7 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
                          "streamed (--stream): the model is read block by block, every format in one pass"))
         return _compare_streamed(prep, store, run_dir, on_record), prep.meta
     records = []
-    refs = ReferenceStore()
+    refs = refs if refs is not None else ReferenceStore()
     gen_base = None  # the baseline's continuations, handed to every format's job
     try:
         for job in prep.jobs:
@@ -107,7 +110,9 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
                 job = replace(job, gen_baseline=gen_base)
             elif job.gen_prompts and rec is not None:  # resumed: the stored continuations, not new ones
                 job = replace(job, gen_baseline=_continuations(rec))
-            if rec is not None and job.is_baseline and job.ref_mode == "export" and any(
+            if job.is_baseline and refs.key != job_key(job):
+                refs.reset(job_key(job))  # another baseline's (or windows') log-probabilities: not these
+            if rec is not None and job.is_baseline and job.ref_mode == "export" and not refs.windows and any(
                     not store.has(job_key(j)) for j in prep.jobs[1:]):
                 # stored, but the formats still to measure need its log-probabilities: one pass over the
                 # windows only (its tasks, context sweep and speed are in the stored record)

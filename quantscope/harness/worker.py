@@ -1,6 +1,7 @@
 """One format measured in a worker process of its own, and the baseline's reference exchange.
 
-A fresh spawned process per format keeps peak-RSS figures separate (a process's peak only grows) and
+A fresh process per format (forked from a server that imported the measuring code once:
+harness.processes) keeps peak-RSS figures separate (a process's peak only grows) and
 isolates crashes: a format that kills its worker becomes a row with an error, not a failed run. The
 baseline's worker exports its per-window log-probabilities to the parent; each later worker asks for
 them window by window over its pipe, so KL divergence costs one reference pass per run and a
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import multiprocessing as mp
 import time
 import traceback
 from dataclasses import replace
@@ -25,6 +25,7 @@ from ..logs import quiet_libraries, torch_threads
 from ..quantization import QuantizeOptions, quantize, resolve
 from ..results.record import error_record, new_record
 from .config import Job
+from .processes import adopt, parent_state, worker_context
 from .timings import Timings, kernel_label
 
 
@@ -46,6 +47,10 @@ class ReferenceStore:
 
     def __init__(self):
         self.windows: dict = {}
+        self.key: str | None = None  # the baseline job they belong to (harness.run.job_key)
+
+    def reset(self, key: str) -> None:
+        self.windows, self.key = {}, key
 
     def put(self, i: int, logp) -> None:
         self.windows[i] = logp
@@ -272,9 +277,10 @@ def _lm_eval_items(model, tokenizer, spec: dict, rec: dict) -> dict:
             if "per_item" in out["tasks"][name] and "acc" in out["tasks"][name]["per_item"]}
 
 
-def _worker_main(job: Job, conn, spawned_at: float) -> None:
+def _worker_main(job: Job, conn, spawned_at: float, state=None) -> None:
     started = time.time()  # (wall clocks: the parent's and this process's agree)
     become_worker()  # Ctrl-C is the parent's to report; it stops this process
+    adopt(state)  # forked from the worker server: the parent's environment and directory
     with quiet_libraries():
         try:
             rec = measure_format(job, refs=_PipeReference(conn))
@@ -304,10 +310,11 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
             return rec
         except QuantscopeError as e:
             return error_record(job.format, job.is_baseline, job.common, str(e))
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     parent, child = ctx.Pipe(duplex=True)
     spawned_at = time.time()
-    p = ctx.Process(target=_worker_main, args=(job, child, spawned_at), daemon=True)
+    state = parent_state() if ctx.get_start_method() == "forkserver" else None
+    p = ctx.Process(target=_worker_main, args=(job, child, spawned_at, state), daemon=True)
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # (it unblocks SIGINT the first time it starts)

@@ -8,7 +8,8 @@
 // code), widened to fp32 in registers and multiplied with the fp32 activations: activations stay fp32,
 // so a result differs from dequantize + fp32 matmul only by the order of the sums. The zero point is
 // taken out per group (sum (q - z) x = sum q x - z sum x), the scale applied once per group.
-// Work is split over output rows with OpenMP (the runtime torch itself loaded: libgomp.so.1).
+// Work is split over output rows with OpenMP (the runtime torch itself loaded: libgomp.so.1), in chunks
+// handed out as threads come free (on a shared machine a descheduled thread then holds up less work).
 // Built by quantscope/modules/cpu_kernels.py; no torch headers, called through ctypes.
 
 #include <immintrin.h>
@@ -121,7 +122,7 @@ void matvec(const float* x, const uint8_t* codes, const void* scales, int sf32, 
         thi = _mm256_loadu_ps(table + 8);
     }
     const int sstride = sf32 ? 4 : 2;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16) if (threads > 1)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = codes + n * row_bytes;
         const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
@@ -147,7 +148,7 @@ void dequant(const uint8_t* codes, const void* scales, int sf32, const void* zer
         tlo = _mm256_loadu_ps(table);
         thi = _mm256_loadu_ps(table + 8);
     }
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16) if (threads > 1)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = codes + n * row_bytes;
         const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
