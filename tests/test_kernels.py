@@ -13,9 +13,10 @@ from quantscope.quantization import quantize
 needs_kernels = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.unavailable_reason()}")
 
 # every format family with a kernel: per-channel int8, grouped 4-bit (asymmetric, symmetric, a ragged last
-# group: 576 = 4 x 128 + 64), grouped 8-bit (uint8 codes with zeros; signed symmetric), NF4/FP4 lookups
+# group: 576 = 4 x 128 + 64), grouped 8-bit (uint8 codes with zeros; signed symmetric), NF4/FP4 lookups,
+# bf16/fp16 storage
 KERNEL_FORMATS = ("int8", "int4-g64", "int4-g128", "int4-g32-sym", "int8-g64", "int8-g128-sym", "nf4", "fp4",
-                  "nf4-dq", "fp4-dq")
+                  "nf4-dq", "fp4-dq", "bf16", "fp16")
 SHAPES = ((96, 576), (40, 70), (17, 130))  # [out, in]: embedded-model width, odd widths with scalar tails
 
 
@@ -51,7 +52,7 @@ def test_kernel_dequantize_is_bit_identical(fmt):
         assert torch.equal(w, qt.dequantize())  # evaluation figures do not move
 
 
-@pytest.mark.parametrize("fmt", ("int3-g128", "int2-g64", "ternary", "binary", "fp8-e4m3", "bf16"))
+@pytest.mark.parametrize("fmt", ("int3-g128", "int2-g64", "ternary", "binary", "fp8-e4m3"))
 def test_formats_without_a_kernel_run_and_say_ref(fmt):
     qt = quantize_tensor(_weight((32, 64)), parse_format(fmt))
     layer = QuantLinear(qt)

@@ -18,9 +18,10 @@
 
 namespace {
 
-enum Codes { U4 = 0, U8 = 1, S8 = 2, LUT4 = 3 };
+enum Codes { U4 = 0, U8 = 1, S8 = 2, LUT4 = 3, BF16 = 4, F16 = 5 };
 
 inline float scale_at(const void* p, int f32, int64_t i) {
+    if (!p) return 1.f;  // 16-bit float weights: no scale
     return f32 ? static_cast<const float*>(p)[i] : _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
 }
 
@@ -49,6 +50,16 @@ inline void load16(const uint8_t* row, int64_t k, __m256 tlo, __m256 thi, __m256
             b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i1), _mm256_permutevar8x32_ps(thi, i1),
                                  _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
         }
+    } else if (C == BF16 || C == F16) {  // 16-bit floats: two bytes per weight, widened exactly
+        const __m128i* p = reinterpret_cast<const __m128i*>(row + 2 * k);
+        __m128i h0 = _mm_loadu_si128(p), h1 = _mm_loadu_si128(p + 1);
+        if (C == F16) {
+            a = _mm256_cvtph_ps(h0);
+            b = _mm256_cvtph_ps(h1);
+        } else {
+            a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
+            b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
+        }
     } else {
         __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
         __m256i i0 = C == U8 ? _mm256_cvtepu8_epi32(by) : _mm256_cvtepi8_epi32(by);
@@ -64,6 +75,15 @@ inline float code_at(const uint8_t* row, int64_t k, const float* table) {
     if (C == U4) return static_cast<float>((row[k / 2] >> ((k & 1) * 4)) & 15);
     if (C == LUT4) return table[(row[k / 2] >> ((k & 1) * 4)) & 15];
     if (C == U8) return static_cast<float>(row[k]);
+    if (C == BF16 || C == F16) {
+        uint16_t h;
+        memcpy(&h, row + 2 * k, 2);
+        if (C == F16) return _cvtsh_ss(h);
+        uint32_t u = static_cast<uint32_t>(h) << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
     return static_cast<float>(static_cast<int8_t>(row[k]));
 }
 
@@ -125,7 +145,7 @@ void matvec(const float* x, const uint8_t* codes, const void* scales, int sf32, 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 16) if (threads > 1)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = codes + n * row_bytes;
-        const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
+        const void* srow = scales ? static_cast<const void*>(static_cast<const char*>(scales) + n * ng * sstride) : nullptr;
         const void* zrow = zeros ? static_cast<const void*>(static_cast<const uint16_t*>(zeros) + n * ng) : nullptr;
         int64_t m = 0;
         for (; m + 4 <= M; m += 4)  // four activation rows share each widened weight vector (eight spill)
@@ -151,7 +171,7 @@ void dequant(const uint8_t* codes, const void* scales, int sf32, const void* zer
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 16) if (threads > 1)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = codes + n * row_bytes;
-        const void* srow = static_cast<const char*>(scales) + n * ng * sstride;
+        const void* srow = scales ? static_cast<const void*>(static_cast<const char*>(scales) + n * ng * sstride) : nullptr;
         float* out = w + n * K;
         for (int64_t g = 0; g < ng; ++g) {
             const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
@@ -185,12 +205,15 @@ int qs_dequant(int kind, const uint8_t* codes, const void* scales, int sf32, con
         case U8: dequant<U8>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
         case S8: dequant<S8>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
         case LUT4: dequant<LUT4>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+        case BF16: dequant<BF16>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
+        case F16: dequant<F16>(codes, scales, sf32, zeros, zconst, table, w, N, K, G, row_bytes, threads); return 0;
     }
     return -1;
 }
 
 
-// kind: 0 = 4-bit codes, 1 = uint8 codes, 2 = int8 codes, 3 = 4-bit codes through a 16-entry table.
+// kind: 0 = 4-bit codes, 1 = uint8 codes, 2 = int8 codes, 3 = 4-bit codes through a 16-entry table,
+// 4 = bfloat16 / 5 = float16 weights (scales NULL: no scale).
 // scales [N, ng] fp16 (sf32 = 0) or fp32 (sf32 = 1); zeros [N, ng] fp16 or NULL (then zconst);
 // table: 16 fp32 values (kind 3 only). Returns 0, or -1 for an unknown kind.
 int qs_matvec(int kind, const float* x, const uint8_t* codes, const void* scales, int sf32, const void* zeros,
@@ -201,9 +224,11 @@ int qs_matvec(int kind, const float* x, const uint8_t* codes, const void* scales
         case U8: matvec<U8>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
         case S8: matvec<S8>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
         case LUT4: matvec<LUT4>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+        case BF16: matvec<BF16>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
+        case F16: matvec<F16>(x, codes, scales, sf32, zeros, zconst, table, y, M, N, K, G, row_bytes, threads); return 0;
     }
     return -1;
 }
 
-int qs_abi_version(void) { return 2; }
+int qs_abi_version(void) { return 3; }
 }

@@ -39,7 +39,7 @@ from ..formats.packing import packed_row_bytes
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
-_U4, _U8, _S8, _LUT4 = 0, 1, 2, 3
+_U4, _U8, _S8, _LUT4, _BF16, _F16 = 0, 1, 2, 3, 4, 5
 REF = "ref"  # the reference path's name in records: dequantize the weight, then the fp32 matmul
 
 
@@ -71,7 +71,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
-    if lib.qs_abi_version() != 2:
+    if lib.qs_abi_version() != 3:
         return None, f"{out} is not the kernel library this quantscope expects"
     f = lib.qs_matvec
     f.restype = ctypes.c_int
@@ -115,13 +115,16 @@ class Kernel:
 # embedded model's layers (benchmarks/kernels.py, 2 threads, AMD EPYC AVX2: at 1-4 rows the kernels take
 # 0.2-0.5x the time; at 16 rows int8 still wins, 4-bit is even, NF4 loses; at 64 dequantize + matmul wins
 # for all). Decode steps are 1 row; the speed loop's prefill (64) and evaluation windows (512) dequantize.
-_MAX_ROWS = {"int4": 8, "int8": 16, "uint8": 16, "lut4": 8}
+_MAX_ROWS = {"int4": 8, "int8": 16, "uint8": 16, "lut4": 8, "float16": 4}
 
 
 def kernel_for(spec, shape: tuple[int, int]) -> Kernel | None:
     """The kernel for a layer of this format and [out, in] shape, or None (the reference path)."""
     _, in_f = shape
-    group = in_f if spec.group_size is None else spec.group_size
+    if spec.family == "float" and spec.variant in ("bf16", "fp16"):  # 16-bit storage, widened exactly
+        return Kernel(f"quantscope-avx2:{spec.variant}", _BF16 if spec.variant == "bf16" else _F16, in_f, 0.0,
+                      _MAX_ROWS["float16"])
+    group = in_f if getattr(spec, "group_size", None) is None else spec.group_size
     if spec.family == "int" and spec.bits == 4 and group % 2 == 0:
         return Kernel("quantscope-avx2:int4", _U4, group, 0.0 if not spec.symmetric else 8.0, _MAX_ROWS["int4"])
     if spec.family == "int" and spec.bits == 8:
@@ -142,6 +145,11 @@ def _operands(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[in
     """The C functions' storage arguments (codes, scales, fp32 flag, zeros, zconst, table), with the
     tensors they point into kept alive by the caller holding this list."""
     out_f, in_f = shape
+    if k.kind in (_BF16, _F16):
+        w = storage["weight"]
+        if tuple(w.shape) != (out_f, in_f) or not w.is_contiguous() or w.device.type != "cpu":
+            raise RuntimeError(f"storage of shape {tuple(w.shape)} does not match {k.name} for {shape}")
+        return [w.view(torch.uint8), None, None, None, 2 * in_f]
     codes = storage["qweight"]
     zeros = storage.get("zeros")
     table = None
@@ -175,7 +183,7 @@ def matvec(k: Kernel, x: torch.Tensor, storage: dict[str, torch.Tensor], spec, s
     x = x.contiguous()
     codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
     y = torch.empty(x.shape[0], out_f, dtype=torch.float32)
-    rc = lib.qs_matvec(k.kind, x.data_ptr(), codes.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.float32),
+    rc = lib.qs_matvec(k.kind, x.data_ptr(), codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32),
                        _ptr(zeros), k.zconst, _ptr(table), y.data_ptr(), x.shape[0], out_f, in_f, k.group,
                        row_bytes, torch.get_num_threads())
     del ops
@@ -193,7 +201,7 @@ def dequantize(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[i
     out_f, in_f = shape
     codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
     w = torch.empty(out_f, in_f, dtype=torch.float32)
-    rc = lib.qs_dequant(k.kind, codes.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.float32), _ptr(zeros),
+    rc = lib.qs_dequant(k.kind, codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32), _ptr(zeros),
                         k.zconst, _ptr(table), w.data_ptr(), out_f, in_f, k.group, row_bytes, torch.get_num_threads())
     del ops
     if rc != 0:
