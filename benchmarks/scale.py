@@ -71,7 +71,7 @@ def plan_stream(model: str, dtype: str, formats: str, windows: int, ctx: int) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="embedded,llama-1b,llama-7b")
+    ap.add_argument("--models", default="llama-7b,embedded,llama-1b")
     ap.add_argument("--work", default=None, help="where synthetic models are written (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
@@ -101,8 +101,12 @@ def main() -> int:
                 res = run_compare(model, dtype, stream, formats, windows, ctx)
                 row = {"model": name, "mode": "streamed" if stream else "in memory", "dtype": dtype, "formats": formats,
                        "windows": windows, "ctx": ctx, **{k: v for k, v in res.items() if k != "records"}}
-                if name != "embedded" or stream:
+                try:
                     plan = plan_stream(model, dtype, formats, windows, ctx)
+                except subprocess.CalledProcessError as e:
+                    row["plan_error_message"] = (e.stderr or "").strip().splitlines()[-1:]
+                    plan = None
+                if plan is not None:
                     row["planned_stream_peak_bytes"] = plan["total_bytes"]
                     row["planned_in_memory_bytes"] = plan["in_memory_bytes"]
                     if stream and "peak_rss_bytes" in row:

@@ -54,7 +54,6 @@ def run(args) -> int:
 
 def _stream(args) -> int:
     from ..errors import QuantscopeError
-    from ..plan.config import load_config
     from ..plan.geometry import geometry
     from ..dtypes import short_name, torch_name as long_name
     from ..placement import compute_dtype
@@ -63,7 +62,7 @@ def _stream(args) -> int:
     args.ctx = args.ctx or 512
     if args.windows < 1 or args.ctx < 2:
         raise QuantscopeError("--windows must be at least 1 and --ctx at least 2")
-    config = load_config(args.model)
+    config = _config(args.model)
     dtype = args.dtype or geometry(config).dtype
     compute = short_name(compute_dtype(long_name(dtype), "cpu"))  # (the planner's machine: this one's CPU)
     p = stream_plan(config, tuple(args.formats), args.windows, args.ctx, dtype, args.calib_samples, args.calib_seqlen,
@@ -86,3 +85,28 @@ def _stream(args) -> int:
     o.emit(args, {"model": args.model, "dtype": dtype, "compute_dtype": compute, "formats": list(args.formats), "windows": args.windows,
                   "ctx": args.ctx, **p.to_dict()})
     return 0
+
+
+def _config(ref: str) -> dict:
+    """config.json as a dict: the planner's reader for folders, .json files and Hub ids; for the embedded
+    model and a .gguf file, the config transformers reads from the GGUF (nothing dequantized)."""
+    from pathlib import Path
+
+    from ..plan.config import load_config
+
+    if ref not in ("default", "") and Path(ref).suffix != ".gguf":
+        return load_config(ref)
+    from transformers import AutoConfig
+
+    from ..errors import QuantscopeError
+    from ..model.load import embedded_gguf_path
+
+    gguf = embedded_gguf_path() if ref in ("default", "") else Path(ref).expanduser()
+    if not gguf.is_file():
+        raise QuantscopeError(f"{ref}: no such file")
+    try:
+        cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).to_dict()
+    except Exception as e:
+        raise QuantscopeError(f"{gguf}: not a readable GGUF ({type(e).__name__})") from None
+    cfg.setdefault("dtype", "float32")  # quantscope's baseline for a GGUF: its weights dequantized to fp32
+    return cfg
