@@ -287,7 +287,41 @@ def test_recover_refusals_are_one_line(capsys, tiny_model_dir, tmp_path):
                           (["int4-g32+lora"], "give the base format"),
                           (["int4-g32", "--outcomes", "kept"], "unknown outcome 'kept'"),
                           (["hqq-int4-g64"], "nothing to adapt in hqq-int4-g64"),
-                          (["int4-g32", "--train", str(short), "--seqlen", "32"], "fewer than one")]:
+                          (["int4-g32", "--train", str(short), "--seqlen", "32"],
+                           "short.txt has 9 tokens, fewer than one training sequence of --seqlen 32")]:
         code, _, err = run_cli(capsys, "recover", *extra, *common)
         assert_one_line_error(code, err, needle)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run" / "recover").glob("*/ckpt-*"))
+
+
+def test_recovery_statistics_pair_each_row_with_its_format_and_the_baseline():
+    from quantscope.harness.pairing import add_paired_statistics
+
+    rng = np.random.default_rng(0)
+    n, tok = 8, 100
+    base_nll = rng.uniform(200, 300, n)
+
+    def rec(fmt, extra_nll, kld, correct, **kw):
+        items = {"task": "t", "kind": "multiple_choice", "item_ids": [str(i) for i in range(len(correct))],
+                 "loglik": [[0.0, -1.0]] * len(correct), "correct": correct, "correct_norm": None}
+        return {"format": fmt, "window_start_token": 0, "window_nll": list(base_nll + extra_nll),
+                "window_tokens": [tok] * n, "window_kld": list(kld * tok), "kld_mean": float(np.mean(kld)),
+                "perplexity": float(np.exp((base_nll + extra_nll).sum() / (n * tok))), "task_items": {"t": items}, **kw}
+
+    answers = [1] * 30 + [0] * 10
+    base = rec("fp32", np.zeros(n), np.zeros(n), answers, baseline=True)
+    before = rec("int3-g64", rng.uniform(20, 30, n), rng.uniform(0.3, 0.4, n), [1] * 20 + [0] * 20)
+    after = rec("int3-g64+lora", rng.uniform(5, 10, n), rng.uniform(0.1, 0.2, n), [1] * 26 + [0] * 14,
+                recover={"base": "int3-g64", "outcome": "adapter"})
+    records = [base, before, after]
+    add_paired_statistics(records)
+    rv = after["recovered"]
+    kb, ka = sum(before["window_kld"]), sum(after["window_kld"])
+    assert rv["vs"] == "int3-g64" and rv["kld"]["fraction"] == pytest.approx(1 - ka / kb)
+    pb, p0, pa = base["perplexity"], before["perplexity"], after["perplexity"]
+    assert rv["perplexity"]["fraction"] == pytest.approx(1 - (pa - pb) / (p0 - pb))
+    assert rv["tasks"]["t"]["fraction"] == pytest.approx(1 - (30 - 26) / (30 - 20))  # 6 of 10 answers won back
+    for cell in (rv["kld"], rv["perplexity"], rv["tasks"]["t"]):
+        lo, hi = cell["ci"]
+        assert lo <= cell["fraction"] <= hi
+    assert "recovered" not in before and "recovered" not in base

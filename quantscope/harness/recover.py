@@ -103,10 +103,17 @@ def check_targets(config: RecoverRunConfig, inputs=None) -> None:
 def run_recover(config: RecoverRunConfig, run_dir: str | None = None, on_record=None):
     """(records, meta, run_dir). A recovered row that failed (NaN loss, ...) is one error naming it,
     after the rows that did finish are stored."""
+    from .preparation import load_inputs
+
     cc = config.compare_config()
     check_targets(config)
+    inputs = load_inputs(cc.model, cc.text, cc.trust_remote_code)
+    src, ids = inputs.tokens_of(config.train)
+    if len(ids) < config.recover.seqlen:
+        raise QuantscopeError(f"training text {src.name} has {len(ids)} tokens, fewer than one training sequence of "
+                              f"--seqlen {config.recover.seqlen}")
     run_dir = run_dir or default_run_dir(cc)
-    records, meta = compare(cc, on_record=on_record, run_dir=run_dir)
+    records, meta = compare(cc, on_record=on_record, run_dir=run_dir, inputs=inputs)
     failed = [r for r in records if r.get("error")]
     if failed:
         raise QuantscopeError(f"{failed[0]['format']}: {failed[0]['error']} (finished rows are stored in {run_dir})")
