@@ -71,6 +71,22 @@ def test_save_gguf_reads_back_and_reloads(capsys, tiny_model_dir, tmp_path, fmt,
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 257
 
 
+def test_tokenizer_without_merges_round_trips(capsys, tiny_model_dir, tmp_path):
+    """A BPE with no merges is written with an empty merges list (llama.cpp requires the key;
+    transformers read a missing one as "derive them from scores" and failed with KeyError 'scores')."""
+    from quantscope.model.load import load_model
+
+    d, text = tiny_model_dir
+    out = tmp_path / "m.gguf"
+    code, _, err = _save(capsys, d, text, "int8-g32-sym", out)
+    assert code == 0, err
+    assert gguf.GGUFReader(str(out)).fields["tokenizer.ggml.merges"].contents() == []
+    orig, back = load_model(str(d)).tokenizer, load_model(str(out)).tokenizer
+    assert back.get_vocab() == orig.get_vocab()
+    sample = text.read_text()[:2000]
+    assert back.encode(sample) == orig.encode(sample)
+
+
 def test_saved_codes_are_quantscopes(tiny_model_dir, tmp_path):
     """The file's blocks, un-permuted, are the quantized model's codes and scales (a library call)."""
     from quantscope.model.gguf_export import save_gguf

@@ -10,6 +10,9 @@ from . import options as o
 def add_parser(sub) -> None:
     c = sub.add_parser("compare", help="quantize into each format and measure them side by side")
     o.add_model(c)
+    c.add_argument("--reference", default=None, metavar="MODEL",
+                   help="the baseline, when it is not --model (e.g. --model saved.gguf --reference default): "
+                        "KLD, top-1 and deltas of every row are against it; it must share --model's vocabulary")
     c.add_argument("--formats", type=o.names, default=None, help="comma-separated format names (see 'quantscope formats')")
     o.add_text(c)
     c.add_argument("--score-second-half", action="store_true", help="score only the second half of each window (llama.cpp)")
@@ -54,7 +57,7 @@ def config_from(args):
     formats = tuple(args.formats) if args.formats is not None else DEFAULT_FORMATS
     formats += tuple(f"mixed-auto:{b}:{args.ladder}" for b in (*args.target_bpw, *args.target_bytes))
     return CompareConfig(
-        model=args.model, device=args.device, dtype=args.dtype, formats=formats, text=args.text, ctx=args.ctx, windows=args.windows,
+        model=args.model, reference=args.reference, device=args.device, dtype=args.dtype, formats=formats, text=args.text, ctx=args.ctx, windows=args.windows,
         score_second_half=args.score_second_half, include=tuple(args.include), exclude=tuple(args.exclude),
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         speed=SpeedConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens),

@@ -20,6 +20,9 @@ MIN_WINDOWS_FOR_CI = 5
 @dataclass(frozen=True)
 class CompareConfig:
     model: str = "default"  # 'default' (embedded SmolLM2), a local HF folder, a Hub id or a .gguf file
+    # the baseline when it is another model than `model` (the original of a saved .gguf, say): KLD,
+    # top-1 and paired deltas are against it; it must share the model's vocabulary (harness.reference)
+    reference: str | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     text: str = "python-docs"  # 'python-docs', a .txt or a .jsonl (field 'text')
     ctx: int = 512  # tokens per window
@@ -123,6 +126,7 @@ class Job:
     # (model_path is then its dequantized cache, which the streamed pass never builds nor reads)
     source_path: str = ""
     work_dir: str | None = None  # LoRA-recovered formats keep their training checkpoints here (run dir)
+    reference_path: str | None = None  # --reference: the baseline's model, when it is not model_path
 
     @property
     def n_ctx(self) -> int:

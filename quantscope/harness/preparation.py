@@ -189,6 +189,11 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
     device, dtype = placement(config, mcfg)
     base = baseline_format(dtype)
     check_selection(mcfg, config.include, config.exclude, config.trust_remote_code)
+    ref = None
+    if config.reference is not None:
+        from .reference import reference_of
+
+        ref = reference_of(load_inputs(config.reference, config.text, config.trust_remote_code), inputs)
     notes: list[str] = []
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos and config.ctx > max_pos:
@@ -234,7 +239,10 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
         "window_start_token": start, "scoring": "second-half" if config.score_second_half else "all-but-first",
         "calibration_overlap": overlap, "device": device, "dtype": dtype, **versions(),
     }
-    ordered = [base] + [f for f in formats if f.name != base.name]
+    if ref is not None:
+        common.update(reference_model=ref.name, reference_fingerprint=ref.fingerprint)
+    # with a reference, every format (the baseline's own dtype too) is a row of --model
+    ordered = [base] + [f for f in formats if ref is not None or f.name != base.name]
     streamed = _choose_stream(config, inputs, [f.name for f in ordered], dtype, notes)
     vocab = getattr(mcfg, "vocab_size", None) or len(inputs.tokenizer)
     ref_bytes = (config.windows * (config.ctx - score_from) + len(gen_ids) * config.gen_tokens) * vocab * 4
@@ -245,28 +253,41 @@ def prepare(config: CompareConfig, inputs: Inputs | None = None) -> Prepared:
 
         model_path = str(ensure_gguf_cache(Path(inputs.gguf_file), Path(inputs.path)))
     jobs = []
-    for f in ordered:
-        is_base = f.name == base.name
-        jobs.append(Job(format=f.name, is_baseline=is_base, model_path=model_path, model_name=inputs.model_name,
-                        model_ref=config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
+    for i, f in enumerate(ordered):
+        is_base = i == 0
+        path, name, model_ref, own = model_path, inputs.model_name, config.model, dict(common)
+        if ref is not None and is_base:
+            path, name, model_ref = ref.path, ref.name, ref.ref
+            own.update(model=ref.name, model_ref=ref.ref, model_fingerprint=ref.fingerprint)
+        jobs.append(Job(format=f.name, is_baseline=is_base, model_path=path, model_name=name,
+                        model_ref=model_ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
                         windows=windows, score_from=score_from, calib=calib if f.needs_calibration else None,
                         include=config.include, exclude=config.exclude, speed=config.speed,
-                        measure_speed=config.measure_speed, threads=config.threads, common=dict(common),
+                        measure_speed=config.measure_speed, threads=config.threads, common=own,
                         tasks=tasks, sweep_windows=sweep, progress=config.progress, lm_eval=lm_eval,
                         gen_prompts=gen_ids, gen_kinds=gen_kinds, gen_tokens=config.gen_tokens if gen_ids else 0,
-                        ref_mode=("export" if is_base else "serve") if cache_ref else "local"))
+                        ref_mode=("export" if is_base else "serve") if cache_ref else "local",
+                        reference_path=ref.path if ref is not None and not is_base else None))
     if streamed:
         from .stream import check_streamable
 
+        if ref is not None:
+            raise QuantscopeError("--reference measures two models, each whole in memory: not available with --stream")
+
         check_streamable(ordered[1:], getattr(mcfg, "model_type", None), jobs[0])
         jobs = [replace(j, streamed=True, measure_speed=False, source_path=inputs.gguf_file or "") for j in jobs]
-    if inputs.kind in ("embedded", "gguf", "compressed"):
+    base_kind = ref.kind if ref is not None else inputs.kind
+    if base_kind in ("embedded", "gguf", "compressed"):
         from ..model.load import dequantized_note
 
-        notes.append(dequantized_note(inputs.kind, dtype))
+        notes.append(dequantized_note(base_kind, dtype))
+    if ref is not None:
+        notes.append(f"baseline: {ref.name} (--reference {ref.ref}); KL divergence, top-1 agreement and the paired "
+                     f"deltas of every row of {inputs.model_name} are measured against it")
     if device != "cpu" or dtype != "float32":
         notes.append(f"baseline in {dtype} on {device}; every format runs on {device}")
-    meta = {**common, "formats": [f.name for f in ordered], "notes": notes, "machine": machine_info(),
+    meta = {**common, "reference_fingerprint": ref.fingerprint if ref is not None else None,
+            "formats": [f.name for f in ordered], "notes": notes, "machine": machine_info(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict()}
     return Prepared(config, ordered, jobs, notes, meta, inputs)
 

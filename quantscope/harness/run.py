@@ -30,7 +30,7 @@ _NOT_IN_RUN_NAME = ("formats", "isolate", "threads", "progress", "reference_cach
 # what a run directory belongs to: `show` pairs every record with the one baseline, so a second model or
 # text in the same directory is refused (window_start_token may differ: calibrated formats added later
 # move the scored windows, and their baseline is stored beside the first one)
-RUN_BELONGS_TO = ("model_fingerprint", "text_sha256", "ctx", "scoring")
+RUN_BELONGS_TO = ("model_fingerprint", "text_sha256", "ctx", "scoring", "reference_fingerprint")
 
 
 def eval_spec(job: Job) -> dict:
@@ -51,6 +51,8 @@ def eval_spec(job: Job) -> dict:
         # records of runs that select more than the decoder linears were stored while a tied
         # embedding's parameters counted twice in bits_per_weight: those are measured again
         **({"tied_params": "once"} if job.include else {}),
+        # --reference: the baseline is another model (absent: the model itself, as before the option)
+        **({"reference": job.common["reference_fingerprint"]} if "reference_fingerprint" in job.common else {}),
     }
 
 
@@ -63,6 +65,8 @@ def default_run_dir(config: CompareConfig, root: str = "quantscope-runs") -> str
     settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_NAME}
     if settings.get("stream") is None:  # named as before --stream existed
         settings.pop("stream", None)
+    if settings.get("reference") is None:  # named as before --reference existed
+        settings.pop("reference", None)
     device = resolve_device(config.device)
     if device == "cpu":  # named as before --device existed: `auto` and `cpu` on a CPU machine are one run
         settings.pop("device")

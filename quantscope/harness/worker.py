@@ -162,6 +162,9 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
             # the reference comes from the parent: quantize the baseline in place, no second copy
             qmodel, reference = base, (lambda i: torch.from_numpy(refs.get(i)))
             base = None
+        elif job.reference_path is not None:  # --reference: the baseline is another model, loaded beside
+            qmodel, reference = base, load_model(job.reference_path, dtype=job.dtype,
+                                                 trust_remote_code=job.trust_remote_code, device=job.device).model
         else:
             qmodel, reference = copy.deepcopy(base), base
         gc.collect()

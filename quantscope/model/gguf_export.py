@@ -154,7 +154,7 @@ def _write(path: Path, plan: list[_Tensor], config, tokenizer, name: str, pre: s
     arch, _ = gguf_meta.arch_of(config)
     types = Counter(t.blocks.qtype for t in plan if t.blocks is not None)
     ftype = getattr(gguf.LlamaFileType, _FILE_TYPES[types.most_common(1)[0][0]]) if types else gguf.LlamaFileType.ALL_F32
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf_meta.writer(path, arch)
     try:
         gguf_meta.write_hparams(writer, config, name, int(ftype))
         gguf_meta.write_tokenizer(writer, tokenizer, config, pre)

@@ -14,7 +14,8 @@ the same model (its `LlamaModel` / `Qwen2Model` and `_set_vocab_gpt2`):
   (llama.cpp's rope pairs neighbouring dimensions, transformers' the two halves of a head);
   the permutation moves whole rows, so quantized blocks are permuted without touching a code;
 - a gpt2-style byte-level BPE tokenizer: ``tokenizer.ggml.model = gpt2``, tokens with their types
-  (normal / control / user-defined / unused padding ids up to the config's vocab size), merges,
+  (normal / control / user-defined / unused padding ids up to the config's vocab size), merges (an
+  empty list for a BPE with none: llama.cpp requires the key, transformers then builds no merges),
   special token ids, ``add_bos_token``, the chat template. ``tokenizer.ggml.pre`` (llama.cpp's
   pre-tokenizer regex) is taken from the source GGUF when the model came from one (the embedded
   SmolLM2: ``smollm``), else ``default``.
@@ -105,6 +106,20 @@ def qk_permutation(hf_name: str, config) -> np.ndarray | None:
     return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
 
 
+def writer(path, arch: str):
+    """gguf-py's `GGUFWriter`, also writing a zero-length array (GGUF and llama.cpp's reader allow one,
+    gguf-py's writer refuses it): the merges of a BPE tokenizer that has none."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer(str(path), arch)
+
+
 def write_tokenizer(writer, tokenizer, config, pre: str = "default") -> None:
     """tokenizer.ggml.* for a byte-level BPE tokenizer (transformers' fast tokenizer), as
     ``convert_hf_to_gguf.py``'s ``_set_vocab_gpt2`` + gguf-py's ``SpecialVocab`` write them."""
@@ -134,9 +149,11 @@ def write_tokenizer(writer, tokenizer, config, pre: str = "default") -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    # llama.cpp requires the merges key of a gpt2 vocabulary; a BPE with no merges (every token a
+    # byte-level character or an added token) is an empty list, which `writer()` can write
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    if merges:
-        writer.add_token_merges(merges)
+    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.STRING)
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         tid = getattr(tokenizer, f"{key}_token_id", None)

@@ -29,6 +29,8 @@ def _bytes(value: Any) -> str:
 
 def format_label(record: Record) -> str:
     label = str(record.get("format", "?"))
+    if record.get("baseline") and record.get("reference_model"):  # compare --reference
+        return f"{label} (reference: {record['reference_model']})"
     return f"{label} (baseline)" if record.get("baseline") else label
 
 

@@ -27,7 +27,9 @@ def comparison_table(records: list[dict]) -> str:
             continue
         delta = _delta_cell(r)
         rows.append([
-            r["format"], _fmt(r.get("bits_per_weight"), ".2f"), fmt_bytes(r.get("weight_bytes")),
+            # compare --reference: the baseline row is another model
+            f"{r['format']} (reference: {r['reference_model']})" if r.get("baseline") and r.get("reference_model")
+            else r["format"], _fmt(r.get("bits_per_weight"), ".2f"), fmt_bytes(r.get("weight_bytes")),
             f"{r['perplexity']:.3f}±{r['perplexity_stderr']:.3f}", delta,
             f"{r['kld_mean']:.4f}±{r['kld_stderr']:.4f}", _fmt(r.get("kld_p99"), ".3f"),
             f"{100 * r['top1_agreement']:.1f}%", _fmt(r.get("prefill_tokens_per_s"), ".0f") + speed_mark(r),

@@ -6,15 +6,16 @@ A record is a JSON-able dict (so it stores, diffs and prints as it is), typed by
 (same fields), 2 adds `schema_version` and `eval_seconds`, 3 adds generation agreement (`generation`,
 `gen_agreement`) and answer flips in each task's summary (`tasks[name]["flips"]`), 4 adds `timings` (seconds
 per phase of the worker), `eval_tokens_per_s` and `kernel` (what the decode steps ran; "ref" where a
-format's layers dequantize per call). :func:`upgrade` reads any stored version
-and refuses a record written by a newer quantscope.
+format's layers dequantize per call), 5 adds `reference_model` and `reference_fingerprint` (compare
+--reference: the baseline is another model; absent, it is the model itself). :func:`upgrade` reads any
+stored version and refuses a record written by a newer quantscope.
 """
 
 from __future__ import annotations
 
 from typing import Any, TypedDict
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Record(TypedDict, total=False):
@@ -26,6 +27,9 @@ class Record(TypedDict, total=False):
     model: str
     model_ref: str
     model_fingerprint: str
+    # compare --reference: the baseline's model (on every row; the baseline row's model fields are the same)
+    reference_model: str
+    reference_fingerprint: str
     text: str
     text_sha256: str
     ctx: int
@@ -113,4 +117,4 @@ def upgrade(record: dict) -> Record:
 
         raise QuantscopeError(f"a record of schema version {version} was written by a newer quantscope "
                               f"(this one reads up to {SCHEMA_VERSION}): upgrade quantscope")
-    return record  # type: ignore[return-value]  (versions 1-4 differ only by optional fields)
+    return record  # type: ignore[return-value]  (versions 1-5 differ only by optional fields)
