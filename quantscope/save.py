@@ -138,7 +138,8 @@ def _save(config: SaveConfig, fmt: Format, out):
 
         from .model.gguf_export import copy_llamacpp
 
-        return copy_llamacpp(fmt, config.model, out, check, torch.get_num_threads())
+        return copy_llamacpp(fmt, config.model, out, check, torch.get_num_threads(), model=lm.model,
+                             calib=list(calib) if calib is not None else None)
     t0 = time.perf_counter()
     done = quantize(lm.model, fmt, QuantizeOptions(include=config.include, exclude=config.exclude,
                                                    calib=list(calib) if calib is not None else None))

@@ -120,11 +120,13 @@ def _llmc(method: str, group: int) -> BackendFormat:
         options=(("method", method), ("bits", 4), ("group_size", group)), python_env=LLMC_PYTHON)
 
 
-def _llamacpp(name: str, bits: int, ftype: str, desc: str) -> BackendFormat:
+def _llamacpp(name: str, bits: int, ftype: str, desc: str, imatrix: bool = False) -> BackendFormat:
+    how = " with its importance matrix of the baseline on the calibration text" if imatrix else ""
     return BackendFormat(
         name, "llama.cpp", "quantscope.backends.llamacpp", "llama_cpp", "llama-cpp-python", "llamacpp",
-        bits, f"{desc}; quantized by llama.cpp from the baseline written to F32 GGUF, run by its CPU "
-        "kernels (token embedding kept F32)", options=(("ftype", ftype),), needs_source=True)
+        bits, f"{desc}; quantized by llama.cpp{how} from the baseline written to F32 GGUF, run by its CPU "
+        "kernels (token embedding kept F32)", needs_calibration=imatrix,
+        options=(("ftype", ftype),) + ((("imatrix", True),) if imatrix else ()), needs_source=True)
 
 
 BACKEND_FORMATS: dict[str, BackendFormat] = _fmts(
@@ -181,6 +183,9 @@ BACKEND_FORMATS: dict[str, BackendFormat] = _fmts(
     _llamacpp("llamacpp-q5_k_m", 5, "Q5_K_M", "Q5_K_M: llama.cpp's Q5_K/Q6_K tensor mix"),
     _llamacpp("llamacpp-q4_k_m", 4, "Q4_K_M", "Q4_K_M: llama.cpp's Q4_K/Q6_K tensor mix"),
     _llamacpp("llamacpp-q4_0", 4, "Q4_0", "Q4_0: 4-bit codes, fp16 scale per block of 32"),
+    _llamacpp("llamacpp-q4_0-imatrix", 4, "Q4_0", "Q4_0 with an importance matrix (llama.cpp then keeps the "
+              "first n_layer/8 ffn_down at Q4_1)", imatrix=True),
+    _llamacpp("llamacpp-q4_k_m-imatrix", 4, "Q4_K_M", "Q4_K_M with an importance matrix", imatrix=True),
     _llamacpp("llamacpp-iq4_nl", 4, "IQ4_NL", "IQ4_NL: non-linear 4-bit codebook, blocks of 32"),
     _llamacpp("llamacpp-q3_k_m", 3, "Q3_K_M", "Q3_K_M: llama.cpp's Q3_K/Q4_K/Q5_K tensor mix"),
     _llamacpp("llamacpp-q2_k", 2, "Q2_K", "Q2_K: 2-bit k-quant, super-blocks of 256 (no importance matrix)"),

@@ -6,7 +6,8 @@ The path a llama.cpp / ollama / LM Studio user takes, measured under quantscope'
    dequantized to F32 by gguf-py, the same dequantization transformers applies when it loads the
    file, so llama.cpp starts from exactly quantscope's baseline weights (cached, built atomically);
 2. ``llama_model_quantize`` (llama.cpp's own quantizer, through llama-cpp-python) makes the requested
-   type: its per-tensor mixes (Q4_K_M keeps some attn_v / ffn_down at Q6_K) and its fallbacks for rows
+   type (``-imatrix`` formats: with llama.cpp's importance matrix of the baseline on the calibration
+   text, :mod:`quantscope.backends.llamacpp_imatrix`): its per-tensor mixes (Q4_K_M keeps some attn_v / ffn_down at Q6_K) and its fallbacks for rows
    whose width is not a multiple of 256 (576 on the embedded model) are llama.cpp's, not ours. The
    token embedding is kept at F32 so the same tensors are quantized as in every other row of the
    table (decoder linears only; the tied output head is the embedding);
@@ -77,17 +78,21 @@ def write_f32_gguf(src: Path, dest: Path) -> None:
     Written to a temporary file and renamed, so a killed run never leaves a partial file."""
     import gguf
 
+    from quantscope.model.gguf_meta import writer as gguf_writer
+
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf_writer(tmp, arch)  # (empty arrays too: the merges of a BPE with none)
     try:
         for field in reader.fields.values():
             if field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE) \
                     or field.name.startswith("GGUF."):
                 continue
             vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            sub = None
+            if vtype == gguf.GGUFValueType.ARRAY:  # the reader lists no item type for an empty array: its header has it
+                sub = field.types[-1] if len(field.types) > 1 else gguf.GGUFValueType(int(field.parts[3][0]))
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         for t in reader.tensors:
@@ -115,8 +120,10 @@ def f32_gguf(src: Path) -> Path:
     return dest
 
 
-def quantize_file(src_f32: Path, dest: Path, ftype: str, threads: int) -> None:
-    """llama.cpp's quantizer: `src_f32` to `dest` in llama_ftype `ftype`, token embedding kept F32."""
+def quantize_file(src_f32: Path, dest: Path, ftype: str, threads: int, imatrix: dict | None = None) -> None:
+    """llama.cpp's quantizer: `src_f32` to `dest` in llama_ftype `ftype`, token embedding kept F32;
+    with `imatrix` ({GGUF tensor name: per-column importance}, see llamacpp_imatrix) as its
+    importance matrix."""
     import logging
 
     import llama_cpp
@@ -127,7 +134,13 @@ def quantize_file(src_f32: Path, dest: Path, ftype: str, threads: int) -> None:
     params.nthread = threads
     params.token_embedding_type = llama_cpp.GGML_TYPE_F32
     params.output_tensor_type = llama_cpp.GGML_TYPE_F32
+    alive = None
+    if imatrix:
+        from .llamacpp_imatrix import as_c_array
+
+        params.imatrix, alive = as_c_array(imatrix)
     rc = llama_cpp.llama_model_quantize(str(src_f32).encode(), str(dest).encode(), params)
+    del alive  # the quantizer has copied the importance matrix
     if rc != 0 or not dest.is_file():
         raise QuantscopeError(f"llama.cpp could not quantize {src_f32.name} to {ftype} (code {rc})")
 
@@ -237,11 +250,25 @@ def quantize(model: nn.Module, fmt: BackendFormat, include: Include,
         atexit.register(shutil.rmtree, work, True)
         path = work / f"{base.stem.removesuffix('-F32')}-{ftype}.gguf"
         t0 = time.perf_counter()
-        quantize_file(base, path, ftype, threads)
+        make_file(fmt, model, calib, base, path, threads)
         secs = time.perf_counter() - t0
     lm = LlamaCppLM(path, n_ctx, threads, tensor_types(path))
     lm.quantscope_quantize_seconds = secs
     return lm
+
+
+def make_file(fmt: BackendFormat, model: nn.Module, calib: list[torch.Tensor] | None, base: Path, dest: Path,
+              threads: int) -> None:
+    """`fmt`'s file at `dest`, quantized by llama.cpp from the F32 file `base` (which holds `model`'s
+    weights); an ``-imatrix`` format first computes the importance matrix of `model` on `calib`."""
+    imatrix = None
+    if dict(fmt.options).get("imatrix"):
+        from .llamacpp_imatrix import importance_matrix
+
+        if not calib:
+            raise QuantscopeError(f"{fmt.name} is calibrated (llama.cpp's importance matrix): pass calibration text")
+        imatrix = importance_matrix(model, calib, base)
+    quantize_file(base, dest, str(fmt.option("ftype")), threads, imatrix)
 
 
 def tensor_types(path: Path) -> dict[str, int]:

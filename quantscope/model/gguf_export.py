@@ -47,7 +47,7 @@ class GGUFReport:
     gguf_types: dict  # GGUF tensor type -> how many tensors of it the file holds
     file_bytes: int
     quantized: int  # tensors written as quantscope's blocks
-    readback_identical: bool  # gguf-py read back every tensor bit for bit as written
+    readback_identical: bool | None  # gguf-py read back every tensor bit for bit as written (None: llama.cpp wrote it)
     exact: bool  # every block type written reproduces quantscope's weights exactly (Q8_0 / Q4_0)
     max_weight_diff: float  # max |GGUF weight - quantscope's weight| (0 when exact; Q4_1's fp16 minimum)
     max_logit_diff: float  # transformers-reloaded logits vs the in-memory quantized model's
@@ -72,7 +72,7 @@ def refuse(name: str, why: str = "") -> None:
 def require_gguf_format(fmt, parts) -> None:
     """Refuse, before loading anything, a format with no GGUF block type."""
     if fmt.kind == "library":
-        if fmt.backend != "llamacpp":
+        if fmt.backend != "llama.cpp":
             refuse(fmt.name, f" (it is made by {fmt.backend})")
         return
     for p in parts:
@@ -213,49 +213,58 @@ def save_gguf(model: nn.Module, tokenizer, config, out: str | os.PathLike, check
     return report
 
 
-def copy_llamacpp(fmt, source: str | None, out: str | os.PathLike, check_ids: torch.Tensor,
-                  threads: int) -> GGUFReport:
+def copy_llamacpp(fmt, source: str | None, out: str | os.PathLike, check_ids: torch.Tensor, threads: int,
+                  model: nn.Module | None = None, calib: list[torch.Tensor] | None = None) -> GGUFReport:
     """A ``llamacpp-*`` format: llama.cpp's own quantizer writes the file (from the F32 copy of the
-    source GGUF, as the format's comparison row runs it); transformers must reload it, and its logits
-    must match llama.cpp's on the same tokens."""
+    source GGUF, as the format's comparison row runs it; an ``-imatrix`` format with the importance
+    matrix of `model`, the baseline, on `calib`); transformers must reload it, and its logits must
+    match llama.cpp's on the same tokens."""
     from ..backends import llamacpp
     from . import gguf_check
 
     out = Path(out)
     check_out_file(out)
+    spec = fmt.spec
     src = llamacpp.gguf_source(source)
     if src is None:
         raise QuantscopeError(f"{fmt.name}: llama.cpp formats need a GGUF source model (the embedded default or a .gguf)")
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
-        raise QuantscopeError(f"llama-cpp-python failed to import ({e}); {fmt.install_hint}") from None
+        raise QuantscopeError(f"llama-cpp-python failed to import ({e}); {spec.install_hint}") from None
     tmp = partial_path(out)
     try:
         base = llamacpp.f32_gguf(src)
-        ftype = str(fmt.option("ftype"))
+        ftype = str(spec.option("ftype"))
         try:
             if ftype == "F32":
                 import shutil
 
                 shutil.copyfile(base, tmp)
             else:
-                llamacpp.quantize_file(base, tmp, ftype, threads)
+                llamacpp.make_file(spec, model, calib, base, tmp, threads)
         except OSError as e:
             why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise QuantscopeError(f"could not write {out}: {why}; nothing was written") from None
+        if not tmp.is_file():
+            raise QuantscopeError(f"llama.cpp wrote no file for {fmt.name}; nothing was written")
         lm = llamacpp.LlamaCppLM(tmp, max(64, int(check_ids.numel())), threads, llamacpp.tensor_types(tmp))
-        with torch.no_grad():
-            want = lm(check_ids.unsqueeze(0)).logits[0].float()
-        lm._llm.close()
+        try:
+            with torch.no_grad():
+                want = lm(check_ids.unsqueeze(0)).logits[0].float()
+        finally:
+            lm._llm.close()
         got = gguf_check.reload_logits(tmp, check_ids)
+        # reported, not required to be ~0: llama.cpp rounds activations to 8 bits in its quantized dot
+        # products, which transformers' reload (float activations) does not
         kld, ldiff = gguf_check.compare_logits(want, got)
+        imatrix = " with its importance matrix" if dict(spec.options).get("imatrix") else ""
         report = GGUFReport(out=str(out), gguf_types=dict(lm.types), file_bytes=tmp.stat().st_size, quantized=0,
-                            readback_identical=True, exact=False, max_weight_diff=float("nan"), max_logit_diff=ldiff,
+                            readback_identical=None, exact=False, max_weight_diff=float("nan"), max_logit_diff=ldiff,
                             kld=kld, check_tokens=int(check_ids.numel()), source="llama.cpp",
                             versions={"llama-cpp-python": llamacpp.version(), "gguf": md.version("gguf")},
-                            notes=[f"llama.cpp's own {ftype} file (its quantizer, its tensor mix); the check compares "
-                                   "transformers' reload of it with llama.cpp's logits"])
+                            notes=[f"llama.cpp's own {ftype} file{imatrix} (its quantizer, its tensor mix); the check "
+                                   "compares transformers' reload of it with llama.cpp's logits"])
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
