@@ -71,6 +71,24 @@ def test_save_gguf_reads_back_and_reloads(capsys, tiny_model_dir, tmp_path, fmt,
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 257
 
 
+@pytest.mark.parametrize("fmt,qtype", [("int8-g32-sym", "Q8_0"), ("int4-g32", "Q4_1")])
+def test_quantized_token_embedding_is_written_in_blocks(capsys, tiny_model_dir, tmp_path, fmt, qtype):
+    """--include embed_tokens: the (tied) embedding is token_embd in the format's blocks, not F32."""
+    import json
+
+    d, text = tiny_model_dir
+    out = tmp_path / "m.gguf"
+    code, _, err = _save(capsys, d, text, fmt, out, "--include", "embed_tokens", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["gguf_types"] == {qtype: 15, "F32": 5} and r["kld"] < 1e-6  # the tied head reads it too
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == qtype and "output.weight" not in tensors
+    plain = tmp_path / "plain.gguf"
+    assert _save(capsys, d, text, fmt, plain)[0] == 0
+    assert out.stat().st_size < plain.stat().st_size
+
+
 def test_tokenizer_without_merges_round_trips(capsys, tiny_model_dir, tmp_path):
     """A BPE with no merges is written with an empty merges list (llama.cpp requires the key;
     transformers read a missing one as "derive them from scores" and failed with KeyError 'scores')."""

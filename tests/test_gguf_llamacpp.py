@@ -36,25 +36,6 @@ def _windows(tokenizer, text, n=8, ctx=64):
     return ids[: n * ctx].reshape(n, ctx)
 
 
-def q8_0_inputs(model):
-    """`model` with every quantized linear's input rounded as llama.cpp's CPU kernels round it: for Q8_0,
-    Q4_0 and Q4_1 weights ggml multiplies by the activations quantized to Q8_0 (blocks of 32, scale
-    amax/127 stored in fp16, codes round(x / scale)), ``quantize_row_q8_0``."""
-    from quantscope.modules.qmodules import QuantLinear
-
-    def pre(module, args):
-        x = args[0]
-        xb = x.reshape(*x.shape[:-1], -1, 32)
-        d = xb.abs().amax(-1, keepdim=True) / 127
-        q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
-        return ((q * d.half().float()).reshape(x.shape),)
-
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.register_forward_pre_hook(pre)
-    return model
-
-
 @pytest.mark.parametrize("fmt,qtype", [("int8-g32-sym", "Q8_0"), ("int4-g32-sym", "Q4_0"), ("int4-g32", "Q4_1")])
 def test_llamacpp_measures_our_file_like_quantscope(sharp_model_dir, tmp_path, fmt, qtype):
     """llama.cpp loads quantscope's file, and its perplexity and KLD (from its own logits, on the same
@@ -63,6 +44,7 @@ def test_llamacpp_measures_our_file_like_quantscope(sharp_model_dir, tmp_path, f
     this model), so there the row compared is quantscope's model with the activations rounded the same way."""
     from quantscope.backends.llamacpp import LlamaCppLM, tensor_types
     from quantscope.evaluate.perplexity import score_windows
+    from quantscope.model.gguf_check import llamacpp_activation_rounding
     from quantscope.model.gguf_export import save_gguf
     from quantscope.model.load import load_model
     from quantscope.quantization import quantize
@@ -80,10 +62,36 @@ def test_llamacpp_measures_our_file_like_quantscope(sharp_model_dir, tmp_path, f
     cpp._llm.close()
     assert ours["kld_mean"] > 1e-3  # well above the engines' float differences
     assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=0.02)
-    rounded = score_windows(q8_0_inputs(q), windows, reference=lm.model).summary()
+    with llamacpp_activation_rounding(q):
+        rounded = score_windows(q, windows, reference=lm.model).summary()
     assert theirs["kld_mean"] == pytest.approx(rounded["kld_mean"], rel=0.02)
     if qtype != "Q8_0":
         assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.02)
+
+
+def test_llamacpp_reads_a_quantized_token_embedding(sharp_model_dir, tmp_path):
+    """token_embd in Q4_0 (looked up, and the tied output): llama.cpp's KLD and perplexity are
+    quantscope's within 2%."""
+    from quantscope.backends.llamacpp import LlamaCppLM
+    from quantscope.evaluate.perplexity import score_windows
+    from quantscope.model.gguf_export import save_gguf
+    from quantscope.model.load import load_model
+    from quantscope.quantization import QuantizeOptions, quantize
+
+    d, text = sharp_model_dir
+    lm = load_model(str(d))
+    windows = _windows(lm.tokenizer, text)
+    q = quantize(load_model(str(d)).model, "int4-g32-sym", QuantizeOptions(include=("embed_tokens",))).model
+    out = tmp_path / "q.gguf"
+    save_gguf(q, lm.tokenizer, q.config, out, windows[0], {"model": "sharp"})
+    cpp = LlamaCppLM(out, windows.shape[1], 2, {})
+    theirs = score_windows(cpp, windows, reference=lm.model).summary()
+    cpp._llm.close()
+    ours = score_windows(q, windows, reference=lm.model).summary()
+    plain = score_windows(quantize(load_model(str(d)).model, "int4-g32-sym").model, windows, reference=lm.model)
+    assert ours["kld_mean"] > plain.summary()["kld_mean"]  # the embedding's rounding is in the figure
+    assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.02)
+    assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=0.02)
 
 
 def _source_gguf(capsys, d, text, tmp_path):

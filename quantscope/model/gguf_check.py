@@ -8,14 +8,19 @@
    tokens must match the in-memory quantized model's: mean KL divergence at most `KLD_TOL` nats per
    token. The two differ only by float32 summation order (and Q4_1's fp16 minimum), so a wrong
    permutation, a wrong hyperparameter or a transposed tensor shows as a KLD orders of magnitude larger.
+
+:func:`llamacpp_activation_rounding` is the one way llama.cpp's kernels compute such a file
+differently: tests and benchmarks use it to compare llama.cpp's KLD with quantscope's.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import QuantscopeError
 from . import gguf_blocks as gb
@@ -94,3 +99,27 @@ def require_match(kld: float, max_diff: float) -> None:
     if not kld <= KLD_TOL:
         raise QuantscopeError(f"the GGUF file, reloaded by transformers, does not reproduce the quantized model "
                               f"(KLD {kld:.3g} nats/token > {KLD_TOL:g}, max |Δ logit| {max_diff:.3g}): not written")
+
+
+@contextmanager
+def llamacpp_activation_rounding(model: nn.Module):
+    """Within the block, every quantized linear (and tied quantized head) of `model` rounds its input as llama.cpp's CPU kernels do
+    for Q8_0 / Q4_0 / Q4_1 weights, which multiply by the activations quantized to Q8_0 (blocks of 32,
+    scale amax/127 stored in fp16, codes round(x / scale): ggml's ``quantize_row_q8_0``). quantscope's
+    model then predicts llama.cpp's logits of the same file, which the float model does not where the
+    weights' rounding is as small as the activations' (Q8_0)."""
+    from ..modules.qmodules import QuantLinear, TiedQuantHead
+
+    def pre(module, args):
+        x = args[0]
+        xb = x.reshape(*x.shape[:-1], -1, gb.BLOCK)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
+        return ((q * d.half().to(x.dtype)).reshape(x.shape), *args[1:])
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, (QuantLinear, TiedQuantHead))]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

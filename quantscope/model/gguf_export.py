@@ -4,8 +4,9 @@ Which formats (see :mod:`quantscope.model.gguf_blocks` for the block layouts): q
 integer formats whose grid is a GGUF block type — symmetric int8 -> Q8_0, symmetric int4 -> Q4_0,
 asymmetric int4 -> Q4_1, with groups of 32 or any multiple of 32 (or one per row) — written with
 quantscope's own codes and scales, so GPTQ / AWQ / mixed plans on those grids run their calibrated
-codes on llama.cpp's kernels. Tensors the format leaves unquantized (norms, the token embedding, any
-excluded linear) are F32, as quantscope's baseline holds them. ``llamacpp-*`` formats are llama.cpp's
+codes on llama.cpp's kernels. Tensors the format leaves unquantized (norms, the token embedding unless
+``--include embed_tokens`` quantizes it too, any excluded linear) are F32, as quantscope's baseline
+holds them. ``llamacpp-*`` formats are llama.cpp's
 own file, copied out (:func:`copy_llamacpp`). Everything else is refused by name, with the list.
 
 Metadata and tokenizer come from the source model (:mod:`quantscope.model.gguf_meta`), tensors are
@@ -93,15 +94,13 @@ def check_out_file(out: Path) -> None:
 
 
 def check_geometry(model: nn.Module, names) -> None:
-    """GGUF blocks cover 32 inputs: every selected linear's width must be a multiple of 32."""
+    """GGUF blocks cover 32 inputs: every selected linear's width (an embedding's row) must be a multiple of 32."""
     mods = dict(model.named_modules())
     for n in names:
         m = mods[n]
-        if isinstance(m, nn.Embedding):
-            raise QuantscopeError(f"saving quantized embeddings as GGUF is not supported ({n}): quantize the "
-                                  "linears only (leave out --include embed_tokens)")
-        if m.in_features % gb.BLOCK:
-            raise QuantscopeError(f"{n}: {m.in_features} input columns are not a multiple of 32, the GGUF block")
+        width = m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features
+        if width % gb.BLOCK:
+            raise QuantscopeError(f"{n}: {width} input columns are not a multiple of 32, the GGUF block")
 
 
 @dataclass
@@ -113,19 +112,20 @@ class _Tensor:
 
 
 def _plan(model: nn.Module, config) -> list[_Tensor]:
-    """Every tensor of the file: quantscope's quantized linears as blocks, every other parameter F32."""
+    """Every tensor of the file: quantscope's quantized linears (and a quantized token embedding, whose
+    rows are blocks the same way: llama.cpp looks rows up in Q8_0/Q4_0/Q4_1, and a tied head reads it as
+    the output) as blocks, every other parameter F32."""
     arch, permute = gguf_meta.arch_of(config)
     namer = gguf_meta.tensor_namer(arch, config.num_hidden_layers)
     emb = [n for n, m in model.named_modules() if isinstance(m, (QuantEmbedding, TiedQuantHead))]
-    if emb:
-        raise QuantscopeError(f"saving quantized embeddings as GGUF is not supported ({emb[0]})")
     plan, inside = [], set()
     for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
-            continue
+        if not isinstance(m, (QuantLinear, QuantEmbedding)):
+            continue  # (a TiedQuantHead is its embedding: not written, as a float tied head is not)
         hf = name + ".weight"
-        if gb.gguf_type(m.spec) is None or m.in_features % gb.BLOCK:
-            refuse(m.spec.name, f" ({name}: {m.in_features} inputs)")
+        width = m.qshape[1]
+        if gb.gguf_type(m.spec) is None or width % gb.BLOCK:
+            refuse(m.spec.name, f" ({name}: {width} inputs)")
         blocks = gb.from_storage(m.storage(), m.spec, m.qshape)
         want = m.dequantized_weight().float()
         perm = gguf_meta.qk_permutation(hf, config) if permute else None
@@ -133,7 +133,7 @@ def _plan(model: nn.Module, config) -> list[_Tensor]:
             blocks, want = gb.permute_rows(blocks, perm), want[torch.from_numpy(perm)]
         plan.append(_Tensor(namer(hf), blocks=blocks, want=want))
         inside.add(hf)
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             inside.add(name + ".bias")
             plan.append(_Tensor(namer(name + ".bias"), array=_f32(m.bias, name + ".bias", config, permute)))
     for hf, p in model.named_parameters():  # tied weights appear once (the embedding)
