@@ -2,6 +2,7 @@
 
     config.py     CompareConfig (what to compare) and Job (what one worker measures)
     preparation.py  validation before any work, the calibration head, one job per format
+    reference.py  --reference: the baseline is another model (its vocabulary checked)
     worker.py     one format measured in a worker process; the baseline-reference exchange
     pairing.py    paired statistics against the baseline (Δppl, tasks, categories)
     run.py        the run: store keys, run directory, resume
