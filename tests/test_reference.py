@@ -107,3 +107,19 @@ def test_saved_gguf_against_its_original(capsys, tiny_model_dir, tmp_path):
     assert saved["kld_mean"] == pytest.approx(direct[1]["kld_mean"], rel=1e-4)
     assert saved["perplexity"] == pytest.approx(direct[1]["perplexity"], rel=1e-5)
     assert base["perplexity"] == pytest.approx(direct[0]["perplexity"], rel=1e-6)
+
+
+@pytest.mark.integration
+def test_saved_gguf_of_the_embedded_model_against_the_original(tmp_path):
+    """The embedded SmolLM2 saved as Q4_0, measured with the original as the baseline: its KLD is the
+    format's (Q4_0 holds quantscope's codes and scales exactly)."""
+    from quantscope.save import SaveConfig, save
+
+    out = tmp_path / "smol-q4_0.gguf"
+    save(SaveConfig(format="int4-g32-sym", out=str(out), check_tokens=32))
+    common = dict(ctx=128, windows=2, isolate=False, measure_speed=False)
+    saved, _ = compare(CompareConfig(model=str(out), reference="default", formats=("fp32",), **common))
+    direct, _ = compare(CompareConfig(formats=("int4-g32-sym",), **common))
+    assert saved[0]["model_fingerprint"] == direct[0]["model_fingerprint"]  # the baseline is the original
+    assert saved[1]["kld_mean"] == pytest.approx(direct[1]["kld_mean"], rel=1e-3)
+    assert saved[1]["perplexity"] == pytest.approx(direct[1]["perplexity"], rel=1e-4)
