@@ -133,7 +133,7 @@ def check_complete(model: nn.Module, source: TensorSource) -> bool:
             raise QuantscopeError(f"{source.folder}: tensor {name} is not in the weights")
         if tuple(source.shapes[name]) != tuple(p.shape):
             raise QuantscopeError(f"{source.folder}: {name} is {list(source.shapes[name])} in the weights but "
-                                  f"{list(p.shape)} by config.json")
+                                  f"{list(p.shape)} by the model's config")
     return tied and head_name is not None and head_name not in source.shapes
 
 

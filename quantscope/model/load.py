@@ -5,7 +5,9 @@ transformers dequantizes it to FP32 on load, so quantscope's "full-precision" ba
 Q4_1 weights dequantized — every report says so. Converting takes ~20 s, so the dequantized model is
 cached as safetensors under `$QUANTSCOPE_CACHE` (default `~/.cache/quantscope`); the cache entry is
 written to a temporary folder and renamed into place, and carries a manifest (size and SHA-256 of the
-weights) that is checked on every load: a corrupt or partial entry is detected and rebuilt.
+weights) that is checked on every load: a corrupt or partial entry is detected and rebuilt. A streamed
+run never builds it: it reads the GGUF file block by block (:mod:`.gguf_source`), with the tokenizer and
+config transformers reads from the file (``resolve(..., build_cache=False)``, :func:`ensure_gguf_cache`).
 
 Weights are only ever read through safetensors (or transformers' GGUF reader); `trust_remote_code` is
 off unless the caller asks for it.
