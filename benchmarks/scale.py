@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--models", default="llama-7b,embedded,llama-1b")
     ap.add_argument("--work", default=None, help="where synthetic models are written (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models")
+    ap.add_argument("--windows", type=int, default=2, help="evaluation windows per run (the issue's 7B command: 2)")
+    ap.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="quantscope-scale-"))
@@ -85,17 +87,18 @@ def main() -> int:
                 from quantscope.model.load import load_model
 
                 load_model("default")  # the dequantized cache, built before any timing
-                model, settings = "default", [("fp32", False, "fp32," + FORMATS, 2, 512), ("fp32", True, "fp32," + FORMATS, 2, 512)]
+                model, settings = "default", [("fp32", False, "fp32," + FORMATS), ("fp32", True, "fp32," + FORMATS)]
             else:
                 model = str(work / name)
                 if not (work / name / "config.json").is_file():
                     subprocess.run([sys.executable, str(HERE / "synthetic_model.py"), "--shape", name, "--out", model,
                                     "--dtype", "bf16"], check=True)
                 if name == "llama-7b":
-                    settings = [("bf16", True, "bf16," + FORMATS, 2, 512)]
+                    settings = [("bf16", True, "bf16," + FORMATS)]
                 else:
-                    settings = [("fp32", False, "fp32," + FORMATS, 2, 512), ("fp32", True, "fp32," + FORMATS, 2, 512)]
-            for dtype, stream, formats, windows, ctx in settings:
+                    settings = [("fp32", False, "fp32," + FORMATS), ("fp32", True, "fp32," + FORMATS)]
+            windows, ctx = args.windows, args.ctx
+            for dtype, stream, formats in settings:
                 print(f"{name}: {'streamed' if stream else 'in memory'} ({dtype}, {formats}, {windows}x{ctx}) ...",
                       file=sys.stderr, flush=True)
                 res = run_compare(model, dtype, stream, formats, windows, ctx)
