@@ -193,7 +193,8 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
 
     t0 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
-    heads = [_head(model, comp)] + [_head(ln.outside or model, comp) for ln in lanes]
+    made: dict = {}  # one head (and one compute copy of it) per distinct model: lanes without their own share it
+    heads = [made.setdefault(id(m), _head(m, comp)) for m in [model] + [ln.outside or model for ln in lanes]]
     n_w = len(base.windows)
     ref_scores, scores = score_hidden(base.windows, base.score_from, (heads[0], xs_base[:n_w]),
                                       [(h, ln.xs[:n_w]) for h, ln in zip(heads[1:], lanes)], chunk_tokens(vocab))
