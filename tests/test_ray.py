@@ -21,7 +21,11 @@ from quantscope.results.runs import load_run
 # Ray binds to the machine's outward address unless told it is not a cluster (read when Ray is
 # imported, inherited by the nodes, workers and drivers started from here): keep it on loopback
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:  # the tests that need it skip; the install hint is tested without it
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'quantscope[ray]')")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster():
     """One Ray instance, 2 CPUs, for the whole module (a start costs seconds); its GCS address."""
+    if ray is None:
+        pytest.skip("Ray is not installed (pip install 'quantscope[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -209,14 +215,22 @@ def test_resources_that_no_node_has_are_refused_before_anything_runs(cluster, ti
     assert load_run(tmp_path / "run").records == []
 
 
-# a Python started with this on its path cannot find bitsandbytes: as on a node where it is not installed
-HIDE_BNB = """import sys
+# a Python started with this on its path cannot find the package: as where it is not installed
+HIDE = """import sys
 class _Hide:
     def find_spec(self, name, path=None, target=None):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
+        if name == {name!r} or name.startswith({name!r} + "."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
 sys.meta_path.insert(0, _Hide())
 """
+
+
+def hiding(tmp_path: Path, package: str) -> str:
+    """A PYTHONPATH under which `package` cannot be imported (a sitecustomize that hides it)."""
+    d = tmp_path / f"hide-{package}"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(HIDE.format(name=package))
+    return os.pathsep.join([str(d), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def test_a_worker_without_a_backend_library_fails_that_row_with_the_install_hint(cluster, tiny, tmp_path):
@@ -224,9 +238,7 @@ def test_a_worker_without_a_backend_library_fails_that_row_with_the_install_hint
     are measured."""
     from quantscope.harness.ray_run import RayOptions
 
-    (tmp_path / "hide").mkdir()
-    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_BNB)
-    path = os.pathsep.join([str(tmp_path / "hide"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    path = hiding(tmp_path, "bitsandbytes")
     study = write_study(tmp_path / "study.toml", tiny, formats=("fp32", "bnb-int8", "int8"))
     outcome, said = sweep_on_ray(study, tmp_path / "run", RayOptions(runtime_env={"env_vars": {"PYTHONPATH": path}}))
     rows = {r["format"]: r for r in outcome.records}
@@ -235,6 +247,7 @@ def test_a_worker_without_a_backend_library_fails_that_row_with_the_install_hint
     assert "ray: 2 done, 0 running, 0 queued, 1 failed (of 3)" in said
 
 
+@needs_ray
 def test_an_unreachable_cluster_is_one_line_and_exit_2(tiny, tmp_path):
     study = write_study(tmp_path / "study.toml", tiny, formats=("int8",))
     d, text = tiny
@@ -247,3 +260,15 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tiny, tmp_path):
         assert_one_line_error(p.returncode, p.stderr, "cannot reach a Ray cluster at 127.0.0.1:9")
         assert time.monotonic() - t0 < 60
     assert not (tmp_path / "run").exists()
+
+
+def test_without_ray_the_flag_gives_the_install_hint_and_nothing_else_imports_it(tiny, tmp_path):
+    study = write_study(tmp_path / "study.toml", tiny, formats=("int8",))
+    e = dict(env(), PYTHONPATH=hiding(tmp_path, "ray"))
+    p = subprocess.run([sys.executable, "-m", "quantscope.cli", "sweep", str(study), "--ray", "--out",
+                        str(tmp_path / "run")], env=e, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(p.returncode, p.stderr, "--ray needs Ray, which is not installed: pip install 'quantscope[ray]'")
+    assert not (tmp_path / "run").exists()
+    p = subprocess.run([sys.executable, "-c", "import sys, quantscope.api, quantscope.cli, quantscope.sweep_measure; "
+                        "print('ray' in sys.modules)"], env=env(), capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "False", p.stderr[-1000:]

@@ -138,9 +138,11 @@ def memory_estimate(job: Job) -> int | None:
 
     fmt = resolve(job.format)
     linear = fmt.storage_bytes if fmt.kind in ("own", "calibrated") else None
+    held = _reference_bytes(job) if job.ref_mode == "export" else 0
     try:
         return worker_memory_bytes(_config_dict(job.model_path), job.windows.shape[1], job.dtype, linear,
-                                   reference_copy=job.ref_mode == "local" and not job.is_baseline)
+                                   reference_copy=job.ref_mode == "local", baseline_only=job.is_baseline,
+                                   held_bytes=held)
     except QuantscopeError:
         return None
 
@@ -185,6 +187,13 @@ class _Tracker:
         return self.starts
 
 
+def _reference_bytes(job: Job) -> int:
+    """Bytes of the baseline's float32 log-probabilities over every scored position of `job`."""
+    vocab = _config_dict(job.model_path).get("vocab_size") or 0
+    positions = job.windows.shape[0] * (job.windows.shape[1] - job.score_from) + len(job.gen_prompts) * job.gen_tokens
+    return positions * vocab * 4
+
+
 def _reference_keys(job: Job) -> list:
     return list(range(job.windows.shape[0])) + [("gen", i) for i in range(len(job.gen_prompts))]
 
@@ -210,7 +219,13 @@ def _task(job: Job, model_ref: str, index: int, tracker, measure, n_out: int, *r
             raise QuantscopeError("the baseline's reference could not be computed (see the baseline's row)")
         from ..logs import quiet_libraries
         from ..model.load import resolve as resolve_model
+        from .preparation import versions
 
+        here = versions()  # the record says what measured it: this node's torch and transformers
+        if here["quantscope_version"] != job.common["quantscope_version"]:  # (record keys carry the version)
+            raise QuantscopeError(f"node {node} runs quantscope {here['quantscope_version']}, the driver "
+                                  f"{job.common['quantscope_version']}: install the same version on every node")
+        job = replace(job, common={**job.common, **here})
         with quiet_libraries():
             _, path, fingerprint, _ = resolve_model(model_ref)
             if fingerprint != job.common["model_fingerprint"]:
@@ -225,6 +240,10 @@ def _task(job: Job, model_ref: str, index: int, tracker, measure, n_out: int, *r
     if n_out == 1:
         return rec
     ok = "error" not in rec
+    if ok:
+        held = sum(a.nbytes for a in refs.windows.values())
+        rec.setdefault("notes", []).append(f"peak RSS includes the reference handed to the other tasks "
+                                           f"({held / 2**20:.0f} MiB of log-probabilities, held until the task ended)")
     return (rec, *[refs.windows.get(k) if ok else None for k in _reference_keys(job)])
 
 
