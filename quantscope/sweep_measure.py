@@ -27,12 +27,13 @@ def _task_pairs(tasks) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def cell_job(model: str, fmt: str, eval_spec: dict, inputs: Inputs | None = None) -> tuple[Job, Inputs]:
+def cell_job(model: str, fmt: str, eval_spec: dict, inputs: Inputs | None = None,
+             stream: bool | None = None) -> tuple[Job, Inputs]:
     """The job that measures `fmt` of `model` on the evaluation in `eval_spec`, and the loaded inputs
     (hand them back for the next cell of the same model and text: nothing is loaded twice)."""
     cfg = CompareConfig(model=model, formats=(fmt,), text=eval_spec["text"], ctx=eval_spec["ctx"],
                         windows=eval_spec["windows"], score_second_half=eval_spec.get("score_second_half", False),
-                        tasks=_task_pairs(eval_spec.get("tasks", ())))
+                        tasks=_task_pairs(eval_spec.get("tasks", ())), stream=stream)
     name = resolve(fmt).name
     prep = prepare(cfg, inputs)
     return next(j for j in prep.jobs if j.format == name), prep.inputs
@@ -52,7 +53,9 @@ def measure_on_ray(options, say: Callable[[str], None] | None = None, measure=No
         inputs: dict = {}
         tasks, by_key = [], {}
         for c in cells:
-            job, inputs[c.model, c.text] = cell_job(c.model, c.format, c.spec, inputs.get((c.model, c.text)))
+            # in memory: a task's node must hold the model (its declared memory), not this machine
+            job, inputs[c.model, c.text] = cell_job(c.model, c.format, c.spec, inputs.get((c.model, c.text)),
+                                                    stream=False)
             tasks.append(RayTask(c.key, f"{c.model} {c.format} {c.text}", job))
             by_key[c.key] = c
         extra = {"measure": measure} if measure is not None else {}

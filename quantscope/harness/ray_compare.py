@@ -27,8 +27,11 @@ def compare_on_ray(config: CompareConfig, options: RayOptions, on_record: Callab
     """As `compare`, each format a Ray task on the cluster `options` names: (records, meta)."""
     from ..results.store import RunStore
 
+    if config.stream:
+        raise QuantscopeError("--stream and --ray cannot be combined: a Ray task measures its format with the "
+                              "model in memory, on a node that has the memory it declares")
     with ray_session(options):  # an unreachable cluster is refused before the model is read
-        prep = prepare(config)
+        prep = prepare(replace(config, stream=False))  # (the nodes must hold the model, not this machine)
         store = RunStore.open(run_dir, meta=prep.meta, same=RUN_BELONGS_TO) if run_dir is not None and Path(run_dir).exists() else None
         done: dict[str, dict] = {}
         try:
