@@ -107,11 +107,13 @@ def _reachable(address: str) -> str:
     except (ImportError, AttributeError, ValueError):  # Ray moved its helper: check what was given
         resolved = os.environ.get("RAY_ADDRESS") or address if address == "auto" else address
     host, _, port = resolved.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise QuantscopeError(f"--ray {address}: expected auto, local or the head's HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
-        raise QuantscopeError(f"cannot reach a Ray cluster at {resolved}: {why}") from None
+    except OSError as e:
+        where = address if resolved == address else f"{address} ({resolved})"
+        raise QuantscopeError(f"cannot reach a Ray cluster at {where}: {e.strerror or e}") from None
     return resolved
 
 
@@ -315,6 +317,8 @@ def run_jobs(tasks: list[RayTask], options: RayOptions, say: Callable[[str], Non
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if ready:  # every one that is ready, so that none counts as running any longer
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
             for ref in ready:
                 _, task, job = pending.pop(ref)
                 rec = _result(ray, ref, job, options)
