@@ -209,8 +209,11 @@ class _Served(ReferenceStore):
 
 def _task(job: Job, model_ref: str, index: int, tracker, measure, n_out: int, *reference) -> object:
     """The body of every Ray task: measure `job` on this node; (record, exported arrays...) when n_out > 1."""
+    import time
+
     import ray
 
+    t0 = time.perf_counter()
     node = ray.util.get_node_ip_address()
     attempt = ray.get(tracker.started.remote(index, node)) if tracker is not None else 1
     refs = _Served()
@@ -239,6 +242,8 @@ def _task(job: Job, model_ref: str, index: int, tracker, measure, n_out: int, *r
     except Exception as e:  # a format that fails is a row with its reason, as in a local worker
         rec = error_record(job.format, job.is_baseline, job.common, failure_message(e))
     rec["ray"] = {"node": node, "node_id": ray.get_runtime_context().get_node_id()[:16], "attempt": attempt}
+    if "error" not in rec:
+        rec.setdefault("timings", {})["total"] = time.perf_counter() - t0  # (from the task's start)
     if n_out == 1:
         return rec
     ok = "error" not in rec
@@ -316,9 +321,10 @@ def run_jobs(tasks: list[RayTask], options: RayOptions, say: Callable[[str], Non
     status = _Status(len(tasks), say)
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            if ready:  # every one that is ready, so that none counts as running any longer
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            ray.wait(list(pending), num_returns=1, timeout=1.0)
+            started = set(ray.get(tracker.snapshot.remote()))
+            # every one ready by now: a task that ended after the snapshot is not counted as running
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
             for ref in ready:
                 _, task, job = pending.pop(ref)
                 rec = _result(ray, ref, job, options)
@@ -326,7 +332,7 @@ def run_jobs(tasks: list[RayTask], options: RayOptions, say: Callable[[str], Non
                     status.finished(rec)
                     yield task, rec
             waiting = {i for i, task, _ in pending.values() if task is not None}
-            status.show(waiting & set(ray.get(tracker.snapshot.remote())))
+            status.show(waiting & started)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
