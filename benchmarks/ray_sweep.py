@@ -68,7 +68,7 @@ def main() -> int:
     from quantscope.harness.ray_run import RayOptions
 
     tmp = Path(tempfile.mkdtemp(prefix="ray_sweep-"))
-    result = {"study": args.study, "machine": {"cpus": os.cpu_count(), "processor": platform.processor()}, "runs": {}}
+    result = {"study": os.path.relpath(args.study, ROOT), "machine": {"cpus": os.cpu_count(), "processor": platform.processor()}, "runs": {}}
     try:
         print("local sweep", flush=True)
         local_s, local = timed_sweep(args.study, tmp / "local")
