@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -38,7 +39,7 @@ __all__ = ["DEFAULT_FORMATS", "parse_memory", "CompareConfig", "compare", "defau
            "LoadedModel", "quantize", "quantize_with_report", "resolve", "Format", "QuantizeOptions", "Quantized",
            "CalibConfig", "list_formats", "SpeedConfig", "SensitivityConfig", "sensitivity", "store_sensitivity",
            "RecommendConfig", "recommend_format", "recommend_target", "SaveConfig", "save", "PlanConfig",
-           "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep", "GenerateConfig", "Generator",
+           "plan_memory", "list_runs", "load_run", "load_paired_run", "run_sweep", "compare_on_ray", "GenerateConfig", "Generator",
            "load_generator", "RecoverConfig", "RecoverRunConfig", "run_recover"]
 
 
@@ -107,8 +108,11 @@ def store_sensitivity(run_dir: str, rows: list[dict], meta: dict) -> None:
 
 
 def run_sweep(study_path: str, out: str | None = None, retry_errors: bool = False,
-              progress: Callable | None = None):
-    """Run a study file resumably: (SweepOutcome, its records with paired statistics)."""
+              progress: Callable | None = None, ray=None, say: Callable[[str], None] | None = None):
+    """Run a study file resumably: (SweepOutcome, its records with paired statistics).
+
+    `ray` (a :class:`quantscope.harness.ray_run.RayOptions`) measures the cells left to do as tasks on a
+    Ray cluster, several at a time, stored under the same keys; `say` receives its progress lines."""
     from .model.load import resolve as resolve_model
     from .sweep import load_study, run_study
     from .sweep_measure import measure_cell
@@ -116,11 +120,27 @@ def run_sweep(study_path: str, out: str | None = None, retry_errors: bool = Fals
     study = load_study(study_path)
     for f in study.formats:  # fail on a bad name before measuring anything
         resolve(f)
-    outcome = run_study(study, out, measure_cell, retry_errors=retry_errors, progress=progress,
-                        fingerprint_fn=lambda m: resolve_model(m)[2])
+    with contextlib.ExitStack() as stack:
+        measure_all = None
+        if ray is not None:
+            from .harness.ray_run import ray_session
+            from .sweep_measure import measure_on_ray
+
+            stack.enter_context(ray_session(ray))  # an unreachable cluster: refused before the run directory
+            measure_all = measure_on_ray(ray, say=say)
+        outcome = run_study(study, out, measure_cell, retry_errors=retry_errors, progress=progress,
+                            fingerprint_fn=lambda m: resolve_model(m)[2], measure_all=measure_all)
     records = [dict(r) for r in outcome.records]
     add_paired_statistics(records)
     return outcome, records
+
+
+def compare_on_ray(config: CompareConfig, ray, on_record: Callable[[dict], None] | None = None,
+                   run_dir: str | None = None, say: Callable[[str], None] | None = None):
+    """As :func:`compare`, each format a task on the Ray cluster `ray` (a RayOptions) names."""
+    from .harness.ray_compare import compare_on_ray as _on_ray
+
+    return _on_ray(config, ray, on_record=on_record, run_dir=run_dir, say=say)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ A study file::
 
 `run_study` walks the grid in a fixed order and, for every cell not already in the run's store,
 calls the injected `measure_fn(model, format, eval_spec) -> record` and commits the record before
-moving on, so a killed sweep resumes where it stopped and never measures a cell twice. The
-measurement itself (worker processes, baselines) belongs to the caller: this module only decides
-what is left to do and keeps what is done.
+moving on, so a killed sweep resumes where it stopped and never measures a cell twice. A caller that
+measures several cells at once (on a Ray cluster: :mod:`quantscope.sweep_measure`) passes
+`measure_all`, which yields each finished cell in whatever order they finish: each is committed as
+it arrives, under the same key, so a study run partly one way and partly the other has one set of
+records. The measurement itself (worker processes, baselines) belongs to the caller: this module
+only decides what is left to do and keeps what is done.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from quantscope import __version__
 from quantscope.errors import QuantscopeError
@@ -178,11 +181,41 @@ def eval_spec_for(study: Study, text_ref: str, text_sha256: str) -> dict[str, An
 
 
 @dataclass(frozen=True)
+class Cell:
+    """One cell of a study's grid: what to measure and the key its record is stored under."""
+
+    index: int  # 1-based position in grid order
+    model: str
+    text: str
+    format: str
+    spec: dict  # eval_spec_for(...): the evaluation apart from model and format
+    key: str
+
+
+# measure_all(cells) measures the cells still to do and yields (cell, record) as each is finished,
+# in any order (a Ray cluster finishes them as they come); run_study commits each one as it arrives.
+MeasureAll = Callable[[list[Cell]], Iterable[tuple[Cell, Record]]]
+
+
+@dataclass(frozen=True)
 class SweepOutcome:
     run_dir: Path
     measured: int  # cells measured by this call
     skipped: int  # cells already in the store
     records: list[Record]  # every record of the study, in grid order
+
+
+def study_cells(study: Study, model_fps: dict[str, str], text_fps: dict[str, str],
+                version: str = __version__) -> list[Cell]:
+    """The grid in its fixed order (model, then text, then format), each cell with its record key."""
+    cells = []
+    for model in study.models:
+        for text in study.texts:
+            spec = eval_spec_for(study, text, text_fps[text])
+            for fmt in study.formats:
+                key = record_key(model_fps[model], fmt, spec, version)
+                cells.append(Cell(len(cells) + 1, model, text, fmt, spec, key))
+    return cells
 
 
 def run_study(
@@ -195,42 +228,57 @@ def run_study(
     retry_errors: bool = False,
     progress: ProgressFn | None = None,
     version: str = __version__,
+    measure_all: MeasureAll | None = None,
 ) -> SweepOutcome:
     """Measure every cell of `study` not yet stored in `out_dir` (default: quantscope-runs/<name>).
 
-    Each record is committed as soon as `measure_fn` returns it. Records with an `error` (skipped
-    formats) count as done unless `retry_errors`. Exceptions from `measure_fn` propagate; what was
-    committed before stays, and re-running resumes.
+    Each record is committed as soon as `measure_fn` returns it (or `measure_all` yields it: cells
+    measured elsewhere, several at a time). Records with an `error` (skipped formats) count as done
+    unless `retry_errors`. Exceptions from the measurement propagate; what was committed before
+    stays, and re-running resumes.
     """
     run_dir = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_ROOT / study.name
     model_fps = {m: fingerprint_fn(m) for m in study.models}
     text_fps = {t: text_hash_fn(t) for t in study.texts}
     measured = skipped = 0
-    records: list[Record] = []
     with RunStore.open(run_dir, {"study": study.to_dict(), "quantscope_version": version}) as store:
-        index = 0
-        for model in study.models:
-            for text in study.texts:
-                spec = eval_spec_for(study, text, text_fps[text])
-                for fmt in study.formats:
-                    index += 1
-                    key = record_key(model_fps[model], fmt, spec, version)
-                    record = store.get(key)
-                    done = record is not None and not (retry_errors and record.get("error"))
-                    if not done:
-                        record = dict(measure_fn(model, fmt, dict(spec)))
-                        record.setdefault("format", fmt)
-                        record.setdefault("model", model)
-                        record.setdefault("text", text)
-                        record.setdefault("ctx", study.ctx)
-                        record.setdefault("windows", study.windows)
-                        record["text_sha256"] = text_fps[text]
-                        record["model_fingerprint"] = model_fps[model]
-                        store.put(key, record)
-                        measured += 1
-                    else:
-                        skipped += 1
-                    records.append(record)
-                    if progress is not None:
-                        progress(index, study.size, model, fmt, text, done)
-    return SweepOutcome(run_dir=run_dir, measured=measured, skipped=skipped, records=records)
+        cells = study_cells(study, model_fps, text_fps, version)
+        done: dict[str, Record] = {}
+        for cell in cells:
+            record = store.get(cell.key)
+            if record is not None and not (retry_errors and record.get("error")):
+                done[cell.key] = record
+        todo = [c for c in cells if c.key not in done]
+        todo_keys = {c.key for c in todo}
+
+        def commit(cell: Cell, record: Record) -> None:
+            nonlocal measured
+            record = dict(record)
+            record.setdefault("format", cell.format)
+            record.setdefault("model", cell.model)
+            record.setdefault("text", cell.text)
+            record.setdefault("ctx", study.ctx)
+            record.setdefault("windows", study.windows)
+            record["text_sha256"] = text_fps[cell.text]
+            record["model_fingerprint"] = model_fps[cell.model]
+            store.put(cell.key, record)
+            done[cell.key] = record
+            measured += 1
+            if progress is not None:
+                progress(cell.index, study.size, cell.model, cell.format, cell.text, False)
+
+        for cell in cells:  # in grid order; one at a time unless measure_all takes them together
+            if cell.key not in todo_keys:
+                skipped += 1
+                if progress is not None:
+                    progress(cell.index, study.size, cell.model, cell.format, cell.text, True)
+            elif measure_all is None:
+                commit(cell, measure_fn(cell.model, cell.format, dict(cell.spec)))
+        if measure_all is not None and todo:
+            for cell, record in measure_all(todo):
+                commit(cell, record)
+        missing = [c.format for c in cells if c.key not in done]
+        if missing:
+            raise QuantscopeError(f"internal: the sweep ended without records for {', '.join(missing)}")
+    return SweepOutcome(run_dir=run_dir, measured=measured, skipped=skipped,
+                        records=[done[c.key] for c in cells])

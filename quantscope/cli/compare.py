@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
                         "(default: when the planner says the in-memory run does not fit in the memory available)")
     o.add_process(c)
     o.add_verbose(c)
+    o.add_ray(c)
     o.add_json(c, "the records (after every format, atomically)")
     c.add_argument("--out", default=None, help="run directory (default quantscope-runs/<model>-<text>-<hash>); re-running resumes")
     c.add_argument("--no-store", action="store_true", help="do not store records in a run directory")
@@ -70,7 +71,7 @@ def config_from(args):
 
 
 def run(args) -> int:
-    from ..api import compare, default_run_dir
+    from ..api import compare, compare_on_ray, default_run_dir
     from ..fileio import write_json_atomic
     from ..report.recovery import recovery_table
     from ..report.terminal import comparison_table, ctx_sweep_table, generation_table, record_notes, task_table
@@ -88,7 +89,11 @@ def run(args) -> int:
             write_json_atomic(args.json, done)
 
     run_dir = None if args.no_store else (args.out or default_run_dir(cfg))
-    records, meta = compare(cfg, on_record=on_record, run_dir=run_dir, on_note=lambda n: o.note(args, n))
+    ray = o.ray_options(args)
+    if ray is not None:
+        records, meta = compare_on_ray(cfg, ray, on_record=on_record, run_dir=run_dir, say=lambda m: o.note(args, m))
+    else:
+        records, meta = compare(cfg, on_record=on_record, run_dir=run_dir, on_note=lambda n: o.note(args, n))
     o.out(args, f"model: {meta['model']}")
     o.out(args, f"text: {meta['text']}, ctx {meta['ctx']}, {meta['windows']} windows, "
                 f"{records[0].get('tokens_scored', '?')} tokens scored ({meta['scoring']})")
@@ -117,6 +122,8 @@ def _named_but_unavailable(args, records, run_dir) -> int:
 
     named = set(args.formats or ())
     why = [w for r in records if r.get("error") and r["format"] in named and (w := format_unavailable(r["format"]))]
+    if args.ray is not None:  # a task fails where it ran: a worker may lack a library this machine has
+        why = [f"{r['format']}: {r['error']}" for r in records if r.get("error") and r["format"] in named]
     if why:
         kept = f"; the other formats are stored in {run_dir}" if run_dir else ""
         raise QuantscopeError(f"{'; '.join(why)}{kept}")

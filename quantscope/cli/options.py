@@ -112,6 +112,34 @@ def timing_note(args, rec: dict) -> None:
          + (f"; kernel {rec['kernel']}" if rec.get("kernel") else ""))
 
 
+def add_ray(p: argparse.ArgumentParser) -> None:
+    """--ray and the resources each Ray task declares (sweep, compare)."""
+    g = p.add_argument_group("Ray (pip install 'quantscope[ray]')")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|local|HOST:PORT",
+                   help="run each format as a task on a Ray cluster: auto (the cluster this machine belongs to), "
+                        "local (start one here for this run) or the head's HOST:PORT")
+    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per task, also its torch threads (default 1)")
+    g.add_argument("--ray-gpus", type=float, default=None, help="GPUs per task (default: 1 when the device is a GPU)")
+    g.add_argument("--ray-memory", default=None, metavar="SIZE",
+                   help="memory per task, e.g. 6GiB (default: the planner's estimate of the task's peak)")
+    g.add_argument("--ray-retries", type=count, default=2, help="re-runs of a task whose worker or node died (default 2)")
+    g.add_argument("--ray-reference", choices=("recompute", "share"), default="recompute",
+                   help="the baseline's log-probabilities: recomputed in every task (default) or shared "
+                        "through Ray's object store")
+
+
+def ray_options(args):
+    """RayOptions from --ray*, or None without --ray."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from ..harness.ray_run import RayOptions
+    from ..units import parse_memory
+
+    return RayOptions(address=args.ray, cpus=args.ray_cpus, gpus=args.ray_gpus, max_retries=args.ray_retries,
+                      memory=parse_memory(args.ray_memory) if args.ray_memory else None,
+                      reference=args.ray_reference)
+
+
 def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help=f"write {what} as JSON to PATH ('-': print to stdout instead of the tables)")

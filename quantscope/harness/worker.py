@@ -280,6 +280,12 @@ def _lm_eval_items(model, tokenizer, spec: dict, rec: dict) -> dict:
             if "per_item" in out["tasks"][name] and "acc" in out["tasks"][name]["per_item"]}
 
 
+def failure_message(e: Exception) -> str:
+    """A failed format's row: the exception's type, first line and where it was raised (call in `except`)."""
+    tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} [{tb}]"
+
+
 def _worker_main(job: Job, conn, spawned_at: float, state=None) -> None:
     started = time.time()  # (wall clocks: the parent's and this process's agree)
     become_worker()  # Ctrl-C is the parent's to report; it stops this process
@@ -292,8 +298,7 @@ def _worker_main(job: Job, conn, spawned_at: float, state=None) -> None:
         except QuantscopeError as e:
             conn.send(("error", str(e)))
         except Exception as e:  # a format that fails is a row with its reason, not a failed run
-            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-            conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} [{tb}]"))
+            conn.send(("error", failure_message(e)))
         finally:
             conn.close()
 

@@ -79,6 +79,7 @@ class Record(TypedDict, total=False):
     transformers_version: str
     notes: list[str]
     reused: bool  # read back from a run directory, not measured by this call
+    ray: dict  # measured as a Ray task: {"node": its IP, "node_id", "attempt": 1 unless retried}
     # optional measurements
     task_items: dict
     tasks: dict
