@@ -36,6 +36,15 @@ def children_ignore_sigint() -> Iterator[None]:
 
 
 def _exit_on_sigterm(signum, frame):
+    """Unwind as SystemExit, except inside a finalizer (`__del__`), where Python would print the exception
+    as "ignored" and carry on: there the worker exits at once (nothing of ours is left to clean up)."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            import os
+
+            os._exit(128 + signum)
+        f = f.f_back
     raise SystemExit(128 + signum)
 
 

@@ -217,3 +217,19 @@ def test_weights_that_do_not_match_config_json_are_refused_before_any_work(capsy
         assert_one_line_error(code, err, "model.layers.0.mlp.down_proj.weight is [64, 128] in the weights but [64, 256]")
         assert "config and weights do not belong together" in err
     assert not (tmp_path / "ck").exists()
+
+
+def test_sigterm_inside_a_finalizer_exits_without_an_ignored_exception():
+    """A worker stopped while Python runs a `__del__` exits at once instead of printing "Exception ignored"."""
+    code = ("import signal, os, time\n"
+            "from quantscope.interrupt import become_worker\n"
+            "become_worker()\n"
+            "class Slow:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "x = Slow(); del x\n"
+            "print('survived')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == 128 + signal.SIGTERM
+    assert "Exception ignored" not in p.stderr and "survived" not in p.stdout
