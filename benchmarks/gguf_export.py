@@ -55,7 +55,9 @@ def measure(model, windows, *refs) -> dict:
     for k, ref in enumerate(refs):
         s = score_windows(model, windows, reference=ref).summary()
         if k == 0:
-            out.update(perplexity=s["perplexity"], kld=s["kld_mean"], top1=s["top1_agreement"])
+            out.update(perplexity=s["perplexity"], kld=s["kld_mean"], kld_stderr=s["kld_stderr"],
+                       top1=s["top1_agreement"],
+                       window_kld=[x / t for x, t in zip(s["window_kld"], s["window_tokens"])])
         else:
             out[f"kld_ref{k}"] = s["kld_mean"]
     return out
@@ -63,7 +65,7 @@ def measure(model, windows, *refs) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--formats", default=FORMATS)
@@ -117,7 +119,7 @@ def main() -> int:
         if set(r.gguf_types) <= {"Q4_0", "F32"}:
             q4_rows.append({"file": f"quantscope {name}", "gguf_types": r.gguf_types, "file_bytes": r.file_bytes,
                             "ppl": theirs["perplexity"], "kld": theirs["kld"], "kld_vs_llamacpp_f32": theirs["kld_ref1"],
-                            "top1": theirs["top1"], "quantize_seconds": secs})
+                            "top1": theirs["top1"], "quantize_seconds": secs, "window_kld": theirs["window_kld"]})
         print(f"done: {name}", flush=True)
         out.unlink()
         del q
@@ -132,9 +134,10 @@ def main() -> int:
         theirs = measure(m, windows, base, cpp_f32)
         q4_rows.append({"file": name, "gguf_types": dict(m.types), "file_bytes": path.stat().st_size,
                         "ppl": theirs["perplexity"], "kld": theirs["kld"], "kld_vs_llamacpp_f32": theirs["kld_ref1"],
-                        "top1": theirs["top1"], "quantize_seconds": secs})
+                        "top1": theirs["top1"], "quantize_seconds": secs, "window_kld": theirs["window_kld"]})
         m._llm.close()
         print(f"done: {name}", flush=True)
+    _pair_with_llamacpp(q4_rows)
     _print(args, base, export_rows, q4_rows)
     meta = {"model": lm.info.name, "windows": args.windows, "ctx": args.ctx, "calib_samples": args.calib_samples,
             "baseline_perplexity": base.summary["perplexity"], "llamacpp_version": llamacpp.version(),
@@ -142,6 +145,18 @@ def main() -> int:
             "tokens_scored": base.summary["tokens_scored"]}
     print(f"wrote {write('gguf_export', {'meta': meta, 'export': export_rows, 'q4_0': q4_rows})}")
     return 0
+
+
+def _pair_with_llamacpp(rows: list[dict]) -> None:
+    """Each file's KLD minus that of llama.cpp's own Q4_0 files (plain and with its importance matrix):
+    a paired bootstrap over windows (each window's mean KLD per token), so "better" means the interval
+    lies below zero."""
+    from quantscope.evaluate.stats import paired_bootstrap_ci
+
+    refs = {r["file"]: r["window_kld"] for r in rows if r["file"] in ("llamacpp-q4_0", "llamacpp-q4_0-imatrix")}
+    for r in rows:
+        r["kld_minus"] = {ref: dict(zip(("delta", "lo", "hi"), paired_bootstrap_ci(w, r["window_kld"])))
+                          for ref, w in refs.items() if ref != r["file"]}
 
 
 def _types(t: dict) -> str:
@@ -162,10 +177,13 @@ def _print(args, base, export_rows, q4_rows) -> None:
               f"{dp:>+5.1f}% {r['kld_quantscope']:>8.5f} {r['kld_reloaded']:>8.5f} {r['kld_llamacpp']:>8.5f} {dk:>+5.1f}% "
               f"{r['kld_quantscope_q8_activations']:>10.5f}")
     print("\nfiles measured by llama.cpp's kernels (KLD vs the torch baseline, and vs llama.cpp's own F32 file)")
-    print(f"{'file':40} {'GGUF types':26} {'bytes':>10} {'ppl':>8} {'KLD':>8} {'KLD vs F32':>10} {'top-1':>6}")
+    print(f"{'file':40} {'GGUF types':26} {'bytes':>10} {'ppl':>8} {'KLD':>8} {'KLD vs F32':>10} {'top-1':>6} "
+          f"{'KLD - cpp q4_0 [95% CI]':>27} {'KLD - cpp q4_0+imatrix [95% CI]':>31}")
     for r in q4_rows:
+        d = [r["kld_minus"].get(k) for k in ("llamacpp-q4_0", "llamacpp-q4_0-imatrix")]
+        cells = [f"{x['delta']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]" if x else "" for x in d]
         print(f"{r['file']:40} {_types(r['gguf_types']):26} {r['file_bytes']:>10} {r['ppl']:>8.3f} {r['kld']:>8.5f} "
-              f"{r['kld_vs_llamacpp_f32']:>10.5f} {100 * r['top1']:>5.1f}%")
+              f"{r['kld_vs_llamacpp_f32']:>10.5f} {100 * r['top1']:>5.1f}% {cells[0]:>27} {cells[1]:>31}")
 
 
 if __name__ == "__main__":
