@@ -114,7 +114,9 @@ def main() -> int:
                     row["planned_in_memory_bytes"] = plan["in_memory_bytes"]
                     if stream and "peak_rss_bytes" in row:
                         row["plan_error"] = plan["total_bytes"] / row["peak_rss_bytes"] - 1
+                row["load_average"] = os.getloadavg()[0]  # above the cpu count: the timings were contended
                 rows.append(row)
+                _save(args.out, rows)  # after every row: a run stopped part-way keeps what it measured
                 print(json.dumps({k: v for k, v in row.items() if k != "rows"}), file=sys.stderr, flush=True)
     finally:
         if not args.keep and args.work is None:
@@ -128,9 +130,16 @@ def main() -> int:
         print(f"{r['model']:<10} {r['mode']:<10} {r['dtype']:<5} {gib(r.get('weight_bytes')):>11} "
               f"{gib(r.get('peak_rss_bytes')):>12} {gib(planned):>11} {err:>6} {r.get('tokens_per_s', 0):>8.1f} "
               f"{r['wall_s']:>7.0f}" + (f"  ERROR {r['error']}" if r.get("error") else ""))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": os.uname().machine, "cpu_count": os.cpu_count(), "rows": rows}, indent=1))
+    _save(args.out, rows)
     return 0
+
+
+def _save(path: str, rows: list[dict]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps({"machine": os.uname().machine, "cpu_count": os.cpu_count(), "rows": rows}, indent=1))
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
