@@ -55,8 +55,7 @@ def measure(model, windows, *refs) -> dict:
     for k, ref in enumerate(refs):
         s = score_windows(model, windows, reference=ref).summary()
         if k == 0:
-            out.update(perplexity=s["perplexity"], kld=s["kld_mean"], kld_stderr=s["kld_stderr"],
-                       top1=s["top1_agreement"],
+            out.update(perplexity=s["perplexity"], kld=s["kld_mean"], top1=s["top1_agreement"],
                        window_kld=[x / t for x, t in zip(s["window_kld"], s["window_tokens"])])
         else:
             out[f"kld_ref{k}"] = s["kld_mean"]

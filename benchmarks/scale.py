@@ -130,16 +130,13 @@ def main() -> int:
         print(f"{r['model']:<10} {r['mode']:<10} {r['dtype']:<5} {gib(r.get('weight_bytes')):>11} "
               f"{gib(r.get('peak_rss_bytes')):>12} {gib(planned):>11} {err:>6} {r.get('tokens_per_s', 0):>8.1f} "
               f"{r['wall_s']:>7.0f}" + (f"  ERROR {r['error']}" if r.get("error") else ""))
-    _save(args.out, rows)
     return 0
 
 
 def _save(path: str, rows: list[dict]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps({"machine": os.uname().machine, "cpu_count": os.cpu_count(), "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    from quantscope.fileio import write_json_atomic
+
+    write_json_atomic(path, {"machine": os.uname().machine, "cpu_count": os.cpu_count(), "rows": rows})
 
 
 if __name__ == "__main__":
