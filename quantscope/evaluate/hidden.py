@@ -21,8 +21,9 @@ Head = Callable[[torch.Tensor], torch.Tensor]  # [tokens, hidden] -> [tokens, vo
 
 
 def chunk_tokens(vocab: int, budget_bytes: int = 2**28) -> int:
-    """Positions per chunk so that the float32 logits and log-probabilities of a reference and a model
-    (four [chunk, vocab] arrays) stay within `budget_bytes`."""
+    """Positions per chunk so that four float32 [chunk, vocab] arrays stay within `budget_bytes`
+    (:func:`score_hidden` holds at most three: the reference's and a model's log-probabilities and one
+    temporary; the fourth is the allocator's slack)."""
     return max(1, budget_bytes // (16 * max(1, vocab)))
 
 
@@ -49,8 +50,10 @@ def score_hidden(windows: torch.Tensor, score_from: int, reference: tuple[Head, 
                     h = hs[i].reshape(-1, hs[i].shape[-1])
                     logp = torch.log_softmax(head(h[a:b]).float(), dim=-1)
                     nll.append(_nll(logp, targets))
-                    kld.append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).cpu().numpy().astype(np.float32))
                     top1.append((ref.argmax(-1) == logp.argmax(-1)).cpu().numpy())
+                    # KL(ref || model) = sum p_ref (log p_ref - log p_model), in place over logp: at most three
+                    # [chunk, vocab] arrays live (ref, logp and exp(ref))
+                    kld.append(logp.neg_().add_(ref).mul_(ref.exp()).sum(-1).clamp_min(0).cpu().numpy().astype(np.float32))
                     del logp
                 del ref
             ref_out.nll.append(np.concatenate(parts_ref))

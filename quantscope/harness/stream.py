@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantscopeError
-from ..measure.memory import model_tensors, peak_device_bytes, peak_rss_bytes, reset_peak_device, tensor_bytes
+from ..measure.memory import heap_trimmer, model_tensors, peak_device_bytes, peak_rss_bytes, reset_peak_device, tensor_bytes
 from ..methods.calib_capture import capture_inputs, cast_floats, run_block
 from ..methods.calibrate import CalibConfig, _batches, _check_calib, calibrate_block, forward_inputs
 from ..model.blocks import TensorSource, check_complete, release, streamed_skeleton
@@ -168,6 +168,7 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
     windows = [w[None] for w in base.windows]
     tasks = _task_parts(base, tokenizer, model_config)
     windows += [torch.tensor(r.tokens, dtype=torch.long)[None] for _, _, rows in tasks for r in rows]
+    trim = heap_trimmer()
     with torch.no_grad():
         xs_base, rests = _inputs(model, layers[0], windows, device, comp)
         lanes = [_lane(j, f, model, xs_base, windows, outside_sel, comp) for j, f in zip(jobs[1:], fmts[1:])]
@@ -187,6 +188,7 @@ def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str
             base_fwd += time.perf_counter() - t0
             release(block)
             gc.collect()
+            trim()  # the block's freed activations back to the system: the peak stays one block's
             if progress is not None:
                 progress(i + 1, len(blocks), f"block {i + 1}/{len(blocks)}")
     from ..evaluate.hidden import chunk_tokens, score_hidden

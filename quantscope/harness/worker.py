@@ -22,24 +22,12 @@ import torch
 from ..errors import QuantscopeError
 from ..interrupt import become_worker, children_ignore_sigint
 from ..logs import quiet_libraries, torch_threads
+from ..measure.memory import heap_trimmer
 from ..quantization import QuantizeOptions, quantize, resolve
 from ..results.record import error_record, new_record
 from .config import Job
 from .processes import adopt, parent_state, worker_context
 from .timings import Timings, kernel_label
-
-
-def _malloc_trim():
-    """glibc keeps freed per-window temporaries (logits, dequantized weights) in fragmented heaps, so
-    a worker's RSS would creep up with the number of windows; returning them after each window keeps
-    peak RSS a property of the format, not of --windows. A no-op where glibc is absent."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return lambda: None
 
 
 class ReferenceStore:
@@ -187,7 +175,7 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
 
         bar = tqdm(total=len(job.windows), desc=f"{job.format}: scoring windows", unit="win", leave=False)
         progress = bar.update
-    trim, step = _malloc_trim(), progress
+    trim, step = heap_trimmer(), progress
 
     def after_window(n):  # the caller's progress, with a heap trim per window
         trim()

@@ -88,6 +88,22 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def heap_trimmer():
+    """A function that hands the heap's freed pages back to the system (glibc's ``malloc_trim(0)``).
+
+    glibc keeps freed temporaries (logits, dequantized weights, a streamed block's activations) in
+    fragmented per-thread heaps, so without it RSS creeps up with every window or block and the peak
+    becomes a property of the run's length and of CPU contention (contended threads open more heaps),
+    not of the format. Nothing in torch or the standard library does this; a no-op where glibc is absent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

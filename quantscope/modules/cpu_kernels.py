@@ -7,7 +7,7 @@ These kernels (`cpu_kernels.cpp`) read the codes as stored — half a byte per w
 one for int8 — widen them in registers and multiply with fp32 activations, so only the order of the
 sums differs from the reference (tests/test_kernels.py checks every kind against it).
 
-Torch's own CPU kernels were measured first on this machine (benchmarks/kernels.py, AMD EPYC, AVX2, no
+Torch's own CPU kernels were measured first on this machine (benchmarks/kernel_speed.py, AMD EPYC, AVX2, no
 AVX-512): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` take fp32 activations only through
 slow scalar loops (5x and 25x slower than fp32 `F.linear` at 1x576->1536), and are fast only with
 bf16 activations, which changes the figures. So quantscope compiles its own: plain C++ with
@@ -112,7 +112,7 @@ class Kernel:
 
 
 # Rows of activations up to which each kernel beats the kernel library's dequantize + fp32 matmul on the
-# embedded model's layers (benchmarks/kernels.py, 2 threads, AMD EPYC AVX2: at 1-4 rows the kernels take
+# embedded model's layers (benchmarks/kernel_speed.py, 2 threads, AMD EPYC AVX2: at 1-4 rows the kernels take
 # 0.2-0.5x the time; at 16 rows int8 still wins, 4-bit is even, NF4 loses; at 64 dequantize + matmul wins
 # for all). Decode steps are 1 row; the speed loop's prefill (64) and evaluation windows (512) dequantize.
 _MAX_ROWS = {"int4": 8, "int8": 16, "uint8": 16, "lut4": 8, "float16": 4}

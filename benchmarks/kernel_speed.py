@@ -9,7 +9,7 @@ Two settings:
 Candidates: fp32 `F.linear` (the baseline), the reference path (dequantize + fp32 matmul), quantscope's
 AVX2 kernels over the packed codes, torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
 with fp32 and with bf16 activations (their fast path), and bf16 `F.linear` (bf16 weights and activations).
-Run under the exclusive CPU lock:  flock -x /work/cpu.lock python benchmarks/kernels.py
+Run under the exclusive CPU lock:  flock -x /work/cpu.lock python benchmarks/kernel_speed.py
 """
 
 from __future__ import annotations
