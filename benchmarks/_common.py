@@ -22,5 +22,11 @@ def write(name: str, obj) -> Path:
     from quantscope.fileio import write_json_atomic
 
     out = RESULTS / f"{name}.json"
+    if isinstance(obj, dict) and not {"machine", "machine_info"} & set(obj):  # timings mean little without it
+        from quantscope.measure.machine import machine_info
+        from quantscope.placement import cpu_flags
+
+        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+        obj = {**obj, "machine_info": {**machine_info(), "cpu_flags": sorted(cpu_flags() & set(wanted))}}
     write_json_atomic(out, obj)
     return out

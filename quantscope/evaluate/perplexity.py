@@ -91,9 +91,10 @@ def score_windows(model, windows: torch.Tensor, reference=None, score_from: int 
                     ref = torch.log_softmax(_logits(reference, w)[score_from - 1:-1], dim=-1)
                 else:
                     ref = reference(i).to(device)
-                kld = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
-                res.kld.append(kld.cpu().numpy().astype(np.float32))
                 res.top1.append((ref.argmax(-1) == logp.argmax(-1)).cpu().numpy())
+                # KL(ref || model) = sum exp(ref) (ref - logp), computed in place over logp (its last use)
+                kld = logp.neg_().add_(ref).mul_(ref.exp()).sum(-1).clamp_min(0)
+                res.kld.append(kld.cpu().numpy().astype(np.float32))
                 del ref
             del logp
             if progress is not None:

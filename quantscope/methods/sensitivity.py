@@ -252,7 +252,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequen
                     logp = _log_probs(model, w, score_from)
                 finally:
                     _put(model, old)
-                k = (p_ref * (ref - logp)).sum(-1).clamp_min(0)
+                k = logp.neg_().add_(ref).mul_(p_ref).sum(-1).clamp_min(0)  # p_ref (ref - logp), in place
                 kld[(f.name, u.name)].append(k.cpu().numpy().astype(np.float64))
                 done += 1
                 if progress is not None:
