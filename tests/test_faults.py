@@ -131,10 +131,12 @@ def test_ctrl_c_is_quiet_in_the_parent_and_every_worker(tmp_path, tiny_model_dir
     worker is being started and while one runs; the only output is the parent's one line."""
     d, text = tiny_model_dir
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # enough rows that a fast machine is still measuring 2.5 s after the first (tiny-model rows take ~0.3 s each)
+    formats = "int8,int4-g32,nf4,int3-g32,fp4,int2-g32,int5-g32,int6-g32,int7-g32,int4-g16,int3-g16,int2-g16,bf16,fp16"
     for after, pause in (("[1] ", 0.3), ("[1] ", 2.5)):
         p = subprocess.Popen([sys.executable, "-m", "quantscope.cli", "compare", "--model", str(d), "--text", str(text),
                               "--ctx", "32", "--windows", "2", "--no-store", "--formats",
-                              "int8,int4-g32,nf4,int3-g32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              formats], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True, env=env, text=True)
         seen = []
         for line in p.stderr:

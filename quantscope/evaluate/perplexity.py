@@ -42,7 +42,9 @@ class WindowScores:
             "perplexity": ppl,
             "perplexity_stderr": ppl * se_mean,  # delta method on the per-token NLL (as llama.cpp)
             "nll_mean": mean,
-            "window_nll": [float(a.sum()) for a in self.nll],
+            # per-window sums in float64: float32 sums carry ~1e-7 relative error, which statistics built on
+            # differences of near-equal sums (recovered fractions, paired deltas) would amplify
+            "window_nll": [float(a.sum(dtype=np.float64)) for a in self.nll],
             "window_tokens": [int(len(a)) for a in self.nll],
         }
         if self.kld:
@@ -55,7 +57,7 @@ class WindowScores:
                 "kld_p99": float(np.quantile(kld, 0.99)),
                 "kld_median": float(np.median(kld)),
                 "top1_agreement": float(top1.mean()),
-                "window_kld": [float(a.sum()) for a in self.kld],
+                "window_kld": [float(a.sum(dtype=np.float64)) for a in self.kld],
             })
         return out
 
