@@ -8,6 +8,16 @@ ignores SIGINT only while it starts a child, with SIGINT blocked meanwhile so th
 window is held and delivered to the parent (Linux keeps a blocked signal pending even while ignored),
 and the child is stopped by its parent (terminate) instead. Off the main thread, or where the
 platform lacks `pthread_sigmask`, children start as they would without it.
+
+That window loses a Ctrl-C when the parent has other threads (torch's OpenMP workers, once it has
+computed anything): the kernel hands a process-directed signal to a thread that does not block it, and
+there the disposition is "ignore", so it is discarded and the run carries on to the end (seen in about
+one try in six when the signal landed just as a worker started). So :func:`start_child` keeps that
+window to the one instant it is needed: with the forkserver, workers are forked by the server, which
+was itself started ignoring SIGINT and hands that to every child, so only the server's own start (once
+per run, a fork and exec) happens with SIGINT ignored; each worker's start runs under
+:func:`deferred_sigint`, which holds a Ctrl-C in a handler of ours and raises it once the worker is
+registered (multiprocessing then stops it with the parent).
 """
 
 from __future__ import annotations
@@ -33,6 +43,41 @@ def children_ignore_sigint() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, old_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """A SIGINT that arrives inside this block is raised (as the handler in place before would) when the
+    block ends, not inside it; whichever thread the kernel delivers it to, nothing is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif old == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def start_child(process, ctx) -> None:
+    """Start multiprocessing `process` (of context `ctx`) born ignoring SIGINT, without losing a Ctrl-C
+    that arrives meanwhile (the module's docstring says how)."""
+    if ctx.get_start_method() != "forkserver":
+        with children_ignore_sigint():
+            process.start()
+        return
+    from multiprocessing import forkserver
+
+    with children_ignore_sigint():
+        forkserver.ensure_running()  # a no-op once the server runs; its workers inherit its ignored SIGINT
+    with deferred_sigint():
+        process.start()
 
 
 def _exit_on_sigterm(signum, frame):

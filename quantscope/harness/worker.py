@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import QuantscopeError
-from ..interrupt import become_worker, children_ignore_sigint
+from ..interrupt import become_worker, start_child
 from ..logs import quiet_libraries, torch_threads
 from ..measure.memory import heap_trimmer
 from ..quantization import QuantizeOptions, quantize, resolve
@@ -314,8 +314,7 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # (it unblocks SIGINT the first time it starts)
-    with children_ignore_sigint():  # the worker is born deaf to the terminal's Ctrl-C (quantscope.interrupt)
-        p.start()
+    start_child(p, ctx)  # the worker is born deaf to the terminal's Ctrl-C (quantscope.interrupt)
     child.close()
     msg = None
     try:
