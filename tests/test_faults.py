@@ -125,6 +125,12 @@ def test_a_killed_saves_partial_folder_is_removed_by_the_next_save(capsys, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")) == [live.name]
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT back to its default, as a terminal's foreground job has it (a test run
+    started in the background of a non-interactive shell inherits it ignored, and so would the CLI)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 def test_ctrl_c_is_quiet_in_the_parent_and_every_worker(tmp_path, tiny_model_dir):
     """The terminal's Ctrl-C reaches the whole process group: send it as a terminal would, while a
@@ -138,7 +144,7 @@ def test_ctrl_c_is_quiet_in_the_parent_and_every_worker(tmp_path, tiny_model_dir
         p = subprocess.Popen([sys.executable, "-m", "quantscope.cli", "compare", "--model", str(d), "--text", str(text),
                               "--ctx", "32", "--windows", "2", "--no-store", "--formats",
                               formats], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True, env=env, text=True)
+                             start_new_session=True, env=env, text=True, preexec_fn=_sigint_default)
         seen = []
         for line in p.stderr:
             seen.append(line)
@@ -246,6 +252,7 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_and_raised_after_not_lost():
     from quantscope.interrupt import deferred_sigint
 
     after = []
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background run inherits it ignored)
     with pytest.raises(KeyboardInterrupt):
         with deferred_sigint():
             t = threading.Thread(target=lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
@@ -254,5 +261,7 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_and_raised_after_not_lost():
             os.kill(os.getpid(), signal.SIGINT)  # process-directed: any thread may take it
             time.sleep(0.05)
             after.append("the block ran to its end")
+    restored = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, previous)
     assert after == ["the block ran to its end"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler
