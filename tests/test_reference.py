@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -118,7 +119,12 @@ def test_saved_gguf_of_the_embedded_model_against_the_original(tmp_path):
     out = tmp_path / "smol-q4_0.gguf"
     save(SaveConfig(format="int4-g32-sym", out=str(out), check_tokens=32))
     common = dict(ctx=128, windows=2, isolate=False, measure_speed=False)
-    saved, _ = compare(CompareConfig(model=str(out), reference="default", formats=("fp32",), **common))
+    from quantscope.model.load import gguf_cache_dir
+
+    try:
+        saved, _ = compare(CompareConfig(model=str(out), reference="default", formats=("fp32",), **common))
+    finally:  # the file's dequantized cache (517 MB) is this test's alone: not left in the user's cache
+        shutil.rmtree(gguf_cache_dir(out, build=False)[0], ignore_errors=True)
     direct, _ = compare(CompareConfig(formats=("int4-g32-sym",), **common))
     assert saved[0]["model_fingerprint"] == direct[0]["model_fingerprint"]  # the baseline is the original
     assert saved[1]["kld_mean"] == pytest.approx(direct[1]["kld_mean"], rel=1e-3)
