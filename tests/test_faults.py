@@ -137,8 +137,8 @@ def test_ctrl_c_is_quiet_in_the_parent_and_every_worker(tmp_path, tiny_model_dir
     worker is being started and while one runs; the only output is the parent's one line."""
     d, text = tiny_model_dir
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    # The signal follows a row's line, not a clock: a tiny-model row takes 0.15 s on a fast machine, so a fixed
-    # pause could outlast the whole run. 14 rows leave ten or more to interrupt on any machine.
+    # The signal follows a row's line, not a clock, so the run cannot finish first on a fast machine;
+    # 14 rows leave ten or more to interrupt.
     formats = "int8,int4-g32,nf4,int3-g32,fp4,int2-g32,int5-g32,int6-g32,int7-g32,int4-g16,int3-g16,int2-g16,bf16,fp16"
     for after, pause in (("[1] ", 0.05), ("[3] ", 0.0)):
         p = subprocess.Popen([sys.executable, "-m", "quantscope.cli", "compare", "--model", str(d), "--text", str(text),
@@ -246,7 +246,7 @@ def test_sigterm_inside_a_finalizer_exits_without_an_ignored_exception():
 
 def test_a_ctrl_c_while_a_worker_starts_is_held_and_raised_after_not_lost():
     """deferred_sigint holds a SIGINT that arrives while a worker starts and raises it once the block ends,
-    even when a thread other than the main one receives it (where an ignored SIGINT would be discarded)."""
+    also when the kernel hands it to a thread other than the main one (where an ignored SIGINT is discarded)."""
     import threading
 
     from quantscope.interrupt import deferred_sigint
@@ -255,11 +255,15 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_and_raised_after_not_lost():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background run inherits it ignored)
     with pytest.raises(KeyboardInterrupt):
         with deferred_sigint():
-            t = threading.Thread(target=lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
-            t.start()
-            t.join()
-            os.kill(os.getpid(), signal.SIGINT)  # process-directed: any thread may take it
-            time.sleep(0.05)
+            other = threading.Thread(target=time.sleep, args=(0.5,))  # a thread that does not block SIGINT
+            other.start()
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # so the kernel must pick `other`
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # process-directed, as a terminal sends it
+                time.sleep(0.05)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            other.join()
             after.append("the block ran to its end")
     restored = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, previous)
