@@ -80,6 +80,17 @@ def start_child(process, ctx) -> None:
         process.start()
 
 
+def start_server(ctx) -> None:
+    """Start `ctx`'s forkserver now, if it is one (a no-op once it runs): it imports the measuring code
+    while the caller prepares its inputs, instead of after. Born ignoring SIGINT, as in start_child."""
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    with children_ignore_sigint():
+        forkserver.ensure_running()
+
+
 def _exit_on_sigterm(signum, frame):
     """Unwind as SystemExit, except inside a finalizer (`__del__`), where Python would print the exception
     as "ignored" and carry on: there the worker exits at once (nothing of ours is left to clean up)."""

@@ -118,3 +118,28 @@ def test_a_failed_build_is_reported_and_layers_take_the_reference_path(tmp_path,
         torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T)
     finally:
         ck._load.cache_clear()  # the next test builds (or finds) the real library again
+
+
+@needs_kernels
+def test_a_bound_layer_rebinds_after_copy_and_move():
+    """The decode path binds a layer's storage pointers once: a deep copy, a pickle round trip and `.to()`
+    each bind again (a copy pointing into the original's freed storage would read garbage)."""
+    import copy
+    import pickle
+
+    spec = parse_format("int4-g64")
+    layer = QuantLinear(quantize_tensor(_weight((96, 576)), spec))
+    x = torch.randn(1, 576)
+    with torch.no_grad():
+        want = x @ layer.dequantized_weight().T
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        assert layer.__dict__.get("_bound") is not None
+        twin = copy.deepcopy(layer)
+        assert twin.__dict__.get("_bound") is None
+        del layer
+        torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+        again = pickle.loads(pickle.dumps(twin))
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
+        twin.to(torch.device("cpu"))
+        assert twin.__dict__.get("_bound") is None
+        torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..finite import all_finite
+
 from .registry import family_of
 from .spec import FormatSpec
 
@@ -36,7 +38,7 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec) -> QuantizedTensor:
     """Quantize a 2-D weight [out, in] with plain round-to-nearest (calibrated methods live in methods/)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         from ..errors import QuantscopeError
 
         raise QuantscopeError("weight contains NaN or Inf values: refusing to quantize a broken model")

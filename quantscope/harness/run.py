@@ -92,6 +92,11 @@ def compare(config: CompareConfig, on_record: Callable[[dict], None] | None = No
     the reference pass again (recommend's ladder)."""
     from ..results.store import RunStore
 
+    if config.isolate and config.stream is not True:  # the worker server imports while this process prepares
+        from ..interrupt import start_server
+        from .processes import worker_context
+
+        start_server(worker_context())
     prep = prepare(config, inputs)
     # an existing run directory is opened up front (to reuse its records); a new one only once the
     # baseline has been measured, so a run that fails on bad input leaves nothing behind

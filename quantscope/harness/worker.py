@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import time
 import traceback
 from dataclasses import replace
@@ -26,6 +27,7 @@ from ..measure.memory import heap_trimmer
 from ..quantization import QuantizeOptions, quantize, resolve
 from ..results.record import error_record, new_record
 from .config import Job
+from . import shared
 from .processes import adopt, parent_state, worker_context
 from .timings import Timings, kernel_label
 
@@ -46,30 +48,49 @@ class ReferenceStore:
     def get(self, i: int):
         if i not in self.windows:
             raise QuantscopeError("internal: the baseline's reference for window %d is missing" % i)
-        return self.windows[i]
+        w = self.windows[i]
+        return w.array() if isinstance(w, shared.SharedWindow) else w
 
 
 class _PipeReference:
-    """Worker side of the reference exchange over the worker's pipe."""
+    """Worker side of the reference exchange: each window in a memory file whose descriptor crosses the
+    worker's pipe (harness.shared), or, where those do not exist, the numbers themselves."""
 
     def __init__(self, conn):
         self.conn = conn
         self.buf: bytearray | None = None  # one receive buffer, reused for every window
 
     def put(self, i: int, logp) -> None:
-        self.conn.send(("ref", i, logp))
+        if shared.available() and isinstance(i, int):
+            w = shared.SharedWindow.of(logp)
+            try:
+                shared.send_window(self.conn, "refshm", i, w, os.getpid())
+            finally:
+                w.close()  # the parent holds its own descriptor now
+        else:
+            self.conn.send(("ref", i, logp))
 
     def get(self, i: int):
-        """Window i's reference log-probs, received into a reused buffer (valid until the next get):
-        unpickling a fresh 100 MB array per window fragments the heap and inflates peak RSS."""
+        """Window i's reference log-probs: mapped from the baseline's memory file, or received into a
+        reused buffer (valid until the next get): unpickling a fresh 100 MB array per window fragments
+        the heap and inflates peak RSS."""
         import numpy as np
 
         self.conn.send(("need", i))
         shape = self.conn.recv()
+        w = None
+        if shape[0] == "shm":
+            w, shape = shared.recv_window(self.conn, shape[1]), shape[1]
         n = int(np.prod(shape))
         if self.buf is None or len(self.buf) < 4 * n:
             self.buf = bytearray(4 * n)
-        self.conn.recv_bytes_into(self.buf)
+        if w is not None:
+            try:  # one copy out of the file into the reused buffer (a mapping per window would add to
+                w.read_into(self.buf)  # the peak until it is collected)
+            finally:
+                w.close()
+        else:
+            self.conn.recv_bytes_into(self.buf)
         return np.frombuffer(self.buf, dtype=np.float32, count=n).reshape(shape)
 
 
@@ -144,7 +165,8 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
     if job.is_baseline:
         qmodel, reference, qsec, storage = base, None, 0.0, None
         if job.ref_mode == "export" and refs is not None:
-            export = lambda i, logp: refs.put(i, logp.cpu().numpy().copy())  # noqa: E731
+            own = not isinstance(refs, _PipeReference)  # (a pipe's put copies the numbers out itself)
+            export = lambda i, logp: refs.put(i, logp.cpu().numpy().copy() if own else logp.cpu().numpy())  # noqa: E731
     else:
         if job.ref_mode == "serve" and refs is not None:
             # the reference comes from the parent: quantize the baseline in place, no second copy
@@ -322,7 +344,16 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
             m = parent.recv()
             if m[0] == "ref":
                 refs.put(m[1], m[2])
+            elif m[0] == "refshm":
+                refs.put(m[1], shared.recv_window(parent, m[2]))
             elif m[0] == "need":
+                held = refs.windows.get(m[1])
+                if isinstance(held, shared.SharedWindow):
+                    parent.send(("shm", held.shape))
+                    from multiprocessing import reduction
+
+                    reduction.send_handle(parent, held.fd, p.pid)
+                    continue
                 arr = refs.get(m[1])
                 parent.send(arr.shape)
                 parent.send_bytes(arr)

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..finite import all_finite
+
 from ..formats import integer
 from ..formats.qtensor import QuantizedTensor
 from ..formats.spec import FormatSpec
@@ -127,10 +129,10 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
         Hd = H.clone()
         Hd[idx, idx] += frac * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0 and torch.isfinite(L).all():
+        if info.item() == 0 and all_finite(L):
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+            if info.item() == 0 and all_finite(U):
                 return U, frac
     return None, damp
 

@@ -29,6 +29,7 @@ import torch
 from ..dtypes import torch_dtype, torch_name
 from ..errors import QuantscopeError
 from ..fileio import cache_root, sha256_file  # noqa: F401  (cache_root: re-exported)
+from ..finite import all_finite
 from ..placement import resolve_device, resolve_dtype
 from .checks import check_folder
 from .quiet import quiet_loading as _quiet
@@ -276,7 +277,7 @@ def load_model(ref: str = "default", dtype: str = "auto", trust_remote_code: boo
     model.requires_grad_(False)
     if check_finite:
         for pname, p in model.named_parameters():
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise QuantscopeError(f"model weights contain NaN or Inf ({pname}): refusing to measure a broken model")
     info = ModelInfo(ref=ref or "default", kind=kind, name=name, path=str(path), fingerprint=fp,
                      dtype=dtype, device=device, n_params=sum(p.numel() for p in model.parameters()))

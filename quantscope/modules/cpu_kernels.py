@@ -174,22 +174,45 @@ def _ptr(t: torch.Tensor | None):
     return t.data_ptr() if t is not None else None
 
 
+class Bound:
+    """One layer's kernel call with its storage arguments worked out once: a decode step calls 210
+    layers of the embedded model per token, and preparing the arguments on every call (about 10 us in
+    Python) cost as much as a small layer's arithmetic. Holds the storage tensors it points into (the
+    layer's own buffers, or converted copies where a buffer's dtype needs one) and is valid while the
+    layer keeps those buffers (:attr:`tensors`, for the owner to check)."""
+
+    def __init__(self, k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]):
+        lib, why = _load()
+        if lib is None:
+            raise RuntimeError(why)
+        self.name, self.fn, self.out_f = k.name, lib.qs_matvec, shape[0]
+        self.tensors = tuple(storage.values())
+        codes, scales, zeros, table, row_bytes = self._ops = _operands(k, storage, spec, shape)
+        self.head = (k.kind,)
+        self.mid = (codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32),
+                    _ptr(zeros), k.zconst, _ptr(table))
+        self.tail = (shape[0], shape[1], k.group, row_bytes)
+
+    def __reduce__(self):  # a copied or pickled layer binds again: its pointers would be another's
+        return (_unbound, ())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y [rows, out] = x [rows, in] (fp32, CPU, contiguous) times the layer's weight."""
+        y = torch.empty(x.shape[0], self.out_f, dtype=torch.float32)
+        rc = self.fn(self.head[0], x.data_ptr(), *self.mid, y.data_ptr(), x.shape[0], *self.tail, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: kernel returned {rc}")
+        return y
+
+
+def _unbound() -> None:
+    return None
+
+
 def matvec(k: Kernel, x: torch.Tensor, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:
-    """y [rows, out] = x [rows, in] (fp32, CPU) times the layer's weight, read from `storage`."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(why)
-    out_f, in_f = shape
-    x = x.contiguous()
-    codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
-    y = torch.empty(x.shape[0], out_f, dtype=torch.float32)
-    rc = lib.qs_matvec(k.kind, x.data_ptr(), codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32),
-                       _ptr(zeros), k.zconst, _ptr(table), y.data_ptr(), x.shape[0], out_f, in_f, k.group,
-                       row_bytes, torch.get_num_threads())
-    del ops
-    if rc != 0:
-        raise RuntimeError(f"{k.name}: kernel returned {rc}")
-    return y
+    """y [rows, out] = x [rows, in] (fp32, CPU) times the layer's weight, read from `storage` (one call;
+    a layer called repeatedly binds once: :class:`Bound`)."""
+    return Bound(k, storage, spec, shape)(x.contiguous())
 
 
 def dequantize(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:

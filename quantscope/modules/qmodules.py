@@ -29,6 +29,16 @@ class _QuantStorage(nn.Module):
         for k, t in qt.tensors.items():
             self.register_buffer(k, t, persistent=True)
 
+    # the kernel's bound arguments point into the storage tensors: whatever replaces them (`.to()`, a
+    # state dict loaded with assign=True) drops the binding; a copied or pickled module has none (Bound)
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_bound", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_bound", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def storage(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self._keys}
 
@@ -42,12 +52,19 @@ class _QuantStorage(nn.Module):
         """x times this storage's weight transposed: the packed-code kernel for a few fp32 rows on the
         CPU (decoding); else the fp32 weight — dequantized by the kernel library where it can (the same
         values, faster) — and the matmul."""
+        bound = self.__dict__.get("_bound")  # the decode step's path, checked first and cheaply
+        if (bound is not None and x.dtype is torch.float32 and x.numel() <= bound.max_elems and self.use_kernel
+                and x.device.type == "cpu" and self._buffers[self._keys[0]] is bound.tensors[0]
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            y = bound(x.reshape(-1, width).contiguous()).reshape(*x.shape[:-1], out_features)
+            return y + bias if bias is not None else y
         k = self.kernel
         usable = (k is not None and self.use_kernel and x.device.type == "cpu" and x.dtype == torch.float32
                   and not (x.requires_grad and torch.is_grad_enabled()) and cpu_kernels.available())
         if usable and x.numel() <= k.max_rows * width:
-            y = cpu_kernels.matvec(k, x.reshape(-1, width), self.storage(), self.spec, self.qshape)
-            y = y.reshape(*x.shape[:-1], out_features)
+            bound = self.__dict__["_bound"] = cpu_kernels.Bound(k, self.storage(), self.spec, self.qshape)
+            bound.max_elems = k.max_rows * width
+            y = bound(x.reshape(-1, width).contiguous()).reshape(*x.shape[:-1], out_features)
             return y + bias if bias is not None else y
         w = cpu_kernels.dequantize(k, self.storage(), self.spec, self.qshape) if usable else self.dequantized_weight()
         return nn.functional.linear(x, w.to(x.dtype), bias)
