@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "quantscope"
 
 # Lowest first. A module may import its own floor and the floors below it, never one above.
 FLOORS = [
-    ("errors", "dtypes", "units", "fileio", "logs", "interrupt", "placement"),
+    ("errors", "dtypes", "units", "fileio", "finite", "logs", "interrupt", "placement"),
     ("formats",),
     ("modules",),
     ("evaluate", "measure"),

@@ -4,8 +4,9 @@ A fresh process per format (forked from a server that imported the measuring cod
 harness.processes) keeps peak-RSS figures separate (a process's peak only grows) and
 isolates crashes: a format that kills its worker becomes a row with an error, not a failed run. The
 baseline's worker exports its per-window log-probabilities to the parent; each later worker asks for
-them window by window over its pipe, so KL divergence costs one reference pass per run and a
-quantized worker never holds a second copy of the model.
+them window by window over its pipe (as memory-file descriptors where the OS has them: harness.shared),
+so KL divergence costs one reference pass per run and a quantized worker never holds a second copy of
+the model.
 """
 
 from __future__ import annotations
