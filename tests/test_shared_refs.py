@@ -61,10 +61,7 @@ def test_worker_side_reads_a_served_window(monkeypatch):
     def serve():
         msg = a.recv()
         assert msg == ("need", 2)
-        a.send(("shm", held.shape))
-        from multiprocessing import reduction
-
-        reduction.send_handle(a, held.fd, os.getpid())
+        shared.send_window(a, "shm", 2, held, os.getpid())
 
     t = threading.Thread(target=serve)
     t.start()

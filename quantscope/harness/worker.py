@@ -80,8 +80,8 @@ class _PipeReference:
         self.conn.send(("need", i))
         shape = self.conn.recv()
         w = None
-        if shape[0] == "shm":
-            w, shape = shared.recv_window(self.conn, shape[1]), shape[1]
+        if shape[0] == "shm":  # ("shm", i, shape) and the descriptor (shared.send_window)
+            w, shape = shared.recv_window(self.conn, shape[2]), shape[2]
         n = int(np.prod(shape))
         if self.buf is None or len(self.buf) < 4 * n:
             self.buf = bytearray(4 * n)
@@ -350,10 +350,7 @@ def run_job(job: Job, isolate: bool = True, refs: ReferenceStore | None = None) 
             elif m[0] == "need":
                 held = refs.windows.get(m[1])
                 if isinstance(held, shared.SharedWindow):
-                    parent.send(("shm", held.shape))
-                    from multiprocessing import reduction
-
-                    reduction.send_handle(parent, held.fd, p.pid)
+                    shared.send_window(parent, "shm", m[1], held, p.pid)
                     continue
                 arr = refs.get(m[1])
                 parent.send(arr.shape)
