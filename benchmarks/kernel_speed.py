@@ -7,7 +7,8 @@ Two settings:
   decode step does: the weights come from memory, which is what decoding is bound by.
 
 Candidates: fp32 `F.linear` (the baseline), the reference path (dequantize + fp32 matmul), quantscope's
-AVX2 kernels over the packed codes, torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
+matrix-vector kernels over the packed codes and its tiled product (cpu_gemm.cpp: dequantized tiles in
+cache, for a prefill's rows), torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
 with fp32 and with bf16 activations (their fast path), and bf16 `F.linear` (bf16 weights and activations).
 Run under the exclusive CPU lock:  flock -x /work/cpu.lock python benchmarks/kernel_speed.py
 """
@@ -57,6 +58,7 @@ def candidates(fmt: str, w: torch.Tensor, x: torch.Tensor) -> dict:
     k = ck.kernel_for(spec, shape)
     if k is not None and ck.available():
         out[k.name] = lambda: ck.matvec(k, x, qt.tensors, spec, shape)
+        out[f"tiled product ({ck.build()})"] = lambda: ck.gemm(k, x, qt.tensors, spec, shape)
         out["avx2 dequantize + fp32 matmul"] = lambda: F.linear(x, ck.dequantize(k, qt.tensors, spec, shape))
     xb = x.bfloat16()
     slow = x.shape[0] <= 4  # torch's fp32-activation paths are scalar loops: timed at decode shapes only
@@ -125,7 +127,7 @@ def stack_bench(reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,4,8,16,32,64")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -135,6 +137,7 @@ def main() -> None:
     rows = tuple(int(r) for r in a.rows.split(","))
     res = {"threads": a.threads, "machine": machine_info(), "torch": torch.__version__,
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "kernel_build": ck.build() if ck.available() else ck.unavailable_reason(),
            "stack_ms_per_token": stack_bench(a.reps), "layer_us": layer_bench(rows, a.reps)}
     print("wrote", write("kernels", res))
 

@@ -42,6 +42,33 @@ def test_matvec_equals_the_reference_path(fmt, shape):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+def _builds():
+    """The kernel builds this CPU runs: AVX2 always, AVX-512 where it has it (the product's 16-wide path)."""
+    return ("avx2", "avx512") if ck.build() == "avx512" else ("avx2",)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _builds())
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_tiled_product_equals_the_reference_path(fmt, isa, monkeypatch):
+    """The prefill path (cpu_gemm.cpp) for every kind and both builds: rows and weight rows that do not
+    fill a register block or a tile, widths with a zero-padded tail (70, 130), 576 (embedded model)."""
+    monkeypatch.setenv("QUANTSCOPE_KERNEL_ISA", isa)
+    ck._load.cache_clear()
+    try:
+        spec = parse_format(fmt)
+        for shape in SHAPES + ((33, 576),):
+            qt = quantize_tensor(_weight(shape, 2), spec)
+            bound = ck.Bound(ck.kernel_for(spec, qt.shape), qt.tensors, spec, qt.shape)
+            ref_w = qt.dequantize()
+            for rows in (2, 5, 17, 64):
+                x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+                ref = x @ ref_w.T
+                torch.testing.assert_close(bound.gemm(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    finally:
+        ck._load.cache_clear()
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 def test_kernel_dequantize_is_bit_identical(fmt):
@@ -66,11 +93,12 @@ def test_formats_without_a_kernel_run_and_say_ref(fmt):
 def test_quant_linear_fast_path_matches_reference_forward(fmt):
     qt = quantize_tensor(_weight((48, 128)), parse_format(fmt))
     layer = QuantLinear(qt, bias=torch.randn(48))
-    x1, xmany = torch.randn(1, 1, 128), torch.randn(1, 200, 128)
-    fast1, fastmany = layer(x1), layer(xmany)
+    x1, xpre, xmany = torch.randn(1, 1, 128), torch.randn(1, 64, 128), torch.randn(1, 200, 128)
+    fast1, fastpre, fastmany = layer(x1), layer(xpre), layer(xmany)
     set_kernels(layer, False)
     assert layer.kernel_name() == ck.REF
     torch.testing.assert_close(fast1, layer(x1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fastpre, layer(xpre), rtol=1e-5, atol=1e-6)  # a prefill: the tiled product
     assert torch.equal(fastmany, layer(xmany))  # many rows: the same weight, the same matmul
 
 

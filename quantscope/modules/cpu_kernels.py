@@ -1,4 +1,5 @@
-"""Matrix-vector kernels that read quantscope's packed weights directly (x86-64 CPUs with AVX2/FMA/F16C).
+"""Kernels that read quantscope's packed weights directly (x86-64 CPUs with AVX2/FMA/F16C; AVX-512 used
+where the CPU has it).
 
 A quantized layer's reference forward dequantizes its whole weight to fp32 and calls the fp32 matmul:
 right for a 512-token evaluation window, where the matmul dominates, but on a one-token decode step it
@@ -8,8 +9,17 @@ one for int8 — widen them in registers and multiply with fp32 activations, so 
 sums differs from the reference (tests/test_kernels.py checks every kind against it). A decode step (one
 activation row) takes four output rows at a time with two accumulators each, so eight independent
 multiply-add chains are in flight, and prefetches the weights eight row blocks ahead; 4-bit codes in groups
-of a multiple of 64 take a shuffle-free 64-column step (cpu_kernels.cpp says how it stays exact). On
-the Intel Xeon (AVX-512 CPU, AVX2 code) that took int8 decode from 1.12x to 1.35x fp32 (benchmarks/speed.py).
+of a multiple of 64 take a shuffle-free 64-column step (cpu_kernels.cpp says how it stays exact).
+
+A prefill's rows (2 to GEMM_MAX_ROWS) take the tiled product (`cpu_gemm.cpp`): each thread dequantizes
+16 weight rows at a time into a buffer that stays in its caches and multiplies every activation row with
+them, so the fp32 weight is never written out; the reference path's extra write and read of it had made
+every quantized prefill 0.90-0.99x fp32's (benchmarks/speed.py, Intel Xeon), now 1.08-1.16x.
+
+Where the CPU has AVX-512 (F, DQ, BW, VL) the library is built with it: the product runs 16 wide, 4-bit
+decode steps put two rows in one 512-bit register and 8-bit ones widen 16 codes at once (measured on one
+576->1536 layer, one thread: int8 53 -> 42 us; 4-bit unchanged, bound by its per-group work). Kernel names stay "quantscope-avx2:<kind>" in records: the same
+kernels, whichever build (:func:`build` says which ran).
 
 Torch's own CPU kernels were measured first on this machine (benchmarks/kernel_speed.py, AMD EPYC, AVX2, no
 AVX-512): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` take fp32 activations only through
@@ -41,14 +51,47 @@ from ..formats.codebook import block_absmax, codebook
 from ..formats.integer import n_groups
 from ..formats.packing import packed_row_bytes
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = ("cpu_kernels.cpp", "cpu_gemm.cpp")  # compiled together; both include cpu_codes.h
+_HEADERS = ("cpu_codes.h",)
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
+_AVX512 = ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl")
 _U4, _U8, _S8, _LUT4, _BF16, _F16 = 0, 1, 2, 3, 4, 5
 REF = "ref"  # the reference path's name in records: dequantize the weight, then the fp32 matmul
+_ABI = 5
+
+
+def _isa() -> str:
+    """The build to use: "avx512" where the CPU has AVX-512 F/DQ/BW/VL (the matrix product then runs
+    16-wide), else "avx2"; QUANTSCOPE_KERNEL_ISA=avx2 forces the AVX2 build."""
+    if os.environ.get("QUANTSCOPE_KERNEL_ISA", "").lower() == "avx2":
+        return "avx2"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return "avx2"
+    return "avx512" if all(f in _cpu_flags() for f in ("avx512f", "avx512dq", "avx512bw", "avx512vl")) else "avx2"
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+class _Layer(ctypes.Structure):
+    """cpu_codes.h's QsLayer: one layer's storage arguments, filled once."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("sf32", ctypes.c_int32), ("codes", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("table", ctypes.c_void_p),
+                ("zconst", ctypes.c_float), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("row_bytes", ctypes.c_int64)]
+
+
+@functools.lru_cache(maxsize=2)
+def _load(isa: str | None = None) -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not). Built once per source/flags hash, then loaded from the cache."""
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
@@ -58,15 +101,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None, "no C++ compiler (g++) found to build quantscope's CPU kernels"
-    src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    out = cache_root() / "kernels" / f"cpu_kernels-{tag}.so"
+    isa = isa or _isa()
+    flags = _FLAGS + (_AVX512 if isa == "avx512" else ())
+    src = b"".join((_DIR / f).read_bytes() for f in _SOURCES + _HEADERS)
+    tag = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
+    out = cache_root() / "kernels" / f"cpu_kernels-{isa}-{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+            res = subprocess.run([cxx, *flags, "-o", tmp, *(str(_DIR / f) for f in _SOURCES)],
+                                 capture_output=True, text=True)
             if res.returncode != 0:
                 first = (res.stderr.strip().splitlines() or ["?"])[0]
                 return None, f"building quantscope's CPU kernels failed: {first}"
@@ -75,25 +121,25 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
-    if lib.qs_abi_version() != 3:
+    if lib.qs_abi_version() != _ABI:
         return None, f"{out} is not the kernel library this quantscope expects"
-    f = lib.qs_matvec
-    f.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, ctypes.c_float, p, p, i64, i64, i64, i64, i64,
-                  ctypes.c_int]
-    d = lib.qs_dequant
-    d.restype = ctypes.c_int
-    d.argtypes = [ctypes.c_int, p, p, ctypes.c_int, p, ctypes.c_float, p, p, i64, i64, i64, i64, ctypes.c_int]
+    p, i64, layer = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Layer)
+    for f in (lib.qs_matvec, lib.qs_gemm):
+        f.restype = ctypes.c_int
+        f.argtypes = [layer, p, p, i64, ctypes.c_int]
+    lib.qs_dequant.restype = ctypes.c_int
+    lib.qs_dequant.argtypes = [layer, p, ctypes.c_int]
     return lib, ""
 
 
 def _has_f16c() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: AVX2 processors all have F16C (Haswell, Zen and later)
-    return " f16c" in flags
+    flags = _cpu_flags()
+    return not flags or "f16c" in flags  # not Linux: AVX2 processors all have F16C (Haswell, Zen and later)
+
+
+def build() -> str:
+    """"avx512" or "avx2": the kernel library this process builds and loads."""
+    return _isa()
 
 
 def available() -> bool:
@@ -115,11 +161,16 @@ class Kernel:
     max_rows: int  # above this many activation rows, dequantize + fp32 matmul is faster (measured)
 
 
-# Rows of activations up to which each kernel beats the kernel library's dequantize + fp32 matmul on the
-# embedded model's layers (benchmarks/kernel_speed.py, 2 threads, AMD EPYC AVX2: at 1-4 rows the kernels take
-# 0.2-0.5x the time; at 16 rows int8 still wins, 4-bit is even, NF4 loses; at 64 dequantize + matmul wins
-# for all). Decode steps are 1 row; the speed loop's prefill (64) and evaluation windows (512) dequantize.
-_MAX_ROWS = {"int4": 8, "int8": 16, "uint8": 16, "lut4": 8, "float16": 4}
+# Rows of activations up to which the matrix-vector kernel beats the tiled product (cpu_gemm.cpp), per
+# kind (measured on the embedded model's layer shapes, 2 threads, Intel Xeon, AVX-512 build: at one row
+# the matrix-vector kernel takes 0.45-0.9x the product's time; at two rows 4-bit codes are already
+# faster through the product; at four rows every kind is). Decode steps are 1 row.
+_MAX_ROWS = {"int4": 1, "int8": 2, "uint8": 2, "lut4": 1, "float16": 2}
+# Above max_rows and up to this many rows, the tiled product beats dequantize + fp32 matmul (same
+# measurement: at 64 rows 0.75-0.8x its time, at 128 rows 1.0-1.05x with the weight in cache, where
+# fp32 has its best case); kept below 256, the shortest window an evaluation scores, so perplexity, KLD
+# and the sensitivity scan keep the reference path's exact figures.
+GEMM_MAX_ROWS = 128
 
 
 def kernel_for(spec, shape: tuple[int, int]) -> Kernel | None:
@@ -174,8 +225,11 @@ def _operands(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[in
     return [codes, scales, zeros, table, row_bytes]
 
 
-def _ptr(t: torch.Tensor | None):
-    return t.data_ptr() if t is not None else None
+def _layer(k: Kernel, ops: list, shape: tuple[int, int]) -> _Layer:
+    codes, scales, zeros, table, row_bytes = ops
+    return _Layer(k.kind, int(scales is not None and scales.dtype == torch.float32), codes.data_ptr(),
+                  scales.data_ptr() if scales is not None else None, zeros.data_ptr() if zeros is not None else None,
+                  table.data_ptr() if table is not None else None, k.zconst, shape[0], shape[1], k.group, row_bytes)
 
 
 class Bound:
@@ -189,13 +243,12 @@ class Bound:
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
-        self.name, self.fn, self.out_f = k.name, lib.qs_matvec, shape[0]
+        self.name, self.fn, self.gemm_fn, self.out_f = k.name, lib.qs_matvec, lib.qs_gemm, shape[0]
+        self.max_rows, self.gemm_rows = k.max_rows, GEMM_MAX_ROWS
         self.tensors = tuple(storage.values())
-        codes, scales, zeros, table, row_bytes = self._ops = _operands(k, storage, spec, shape)
-        self.head = (k.kind,)
-        self.mid = (codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32),
-                    _ptr(zeros), k.zconst, _ptr(table))
-        self.tail = (shape[0], shape[1], k.group, row_bytes)
+        self._ops = _operands(k, storage, spec, shape)  # keeps converted copies alive
+        self._layer = _layer(k, self._ops, shape)
+        self._ref = ctypes.byref(self._layer)
 
     def __reduce__(self):  # a copied or pickled layer binds again: its pointers would be another's
         return (_unbound, ())
@@ -203,9 +256,18 @@ class Bound:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [rows, out] = x [rows, in] (fp32, CPU, contiguous) times the layer's weight."""
         y = torch.empty(x.shape[0], self.out_f, dtype=torch.float32)
-        rc = self.fn(self.head[0], x.data_ptr(), *self.mid, y.data_ptr(), x.shape[0], *self.tail, torch.get_num_threads())
+        rc = self.fn(self._ref, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"{self.name}: kernel returned {rc}")
+        return y
+
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product for many rows (a prefill): weight tiles dequantized in cache (cpu_gemm.cpp)."""
+        y = torch.empty(x.shape[0], self.out_f, dtype=torch.float32)
+        rc = self.gemm_fn(self._ref, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: matrix product returned {rc}")
         return y
 
 
@@ -219,17 +281,20 @@ def matvec(k: Kernel, x: torch.Tensor, storage: dict[str, torch.Tensor], spec, s
     return Bound(k, storage, spec, shape)(x.contiguous())
 
 
+def gemm(k: Kernel, x: torch.Tensor, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:
+    """The same product through the tiled kernel (cpu_gemm.cpp), what a layer runs for a prefill's rows."""
+    return Bound(k, storage, spec, shape).gemm(x.contiguous())
+
+
 def dequantize(k: Kernel, storage: dict[str, torch.Tensor], spec, shape: tuple[int, int]) -> torch.Tensor:
     """The layer's fp32 weight [out, in], bit-identical to the format's own `dequantize` (same operations,
     one rounding each) and several times faster: the reference path's first half for many rows."""
     lib, why = _load()
     if lib is None:
         raise RuntimeError(why)
-    out_f, in_f = shape
-    codes, scales, zeros, table, row_bytes = ops = _operands(k, storage, spec, shape)
-    w = torch.empty(out_f, in_f, dtype=torch.float32)
-    rc = lib.qs_dequant(k.kind, codes.data_ptr(), _ptr(scales), int(scales is not None and scales.dtype == torch.float32), _ptr(zeros),
-                        k.zconst, _ptr(table), w.data_ptr(), out_f, in_f, k.group, row_bytes, torch.get_num_threads())
+    ops = _operands(k, storage, spec, shape)
+    w = torch.empty(*shape, dtype=torch.float32)
+    rc = lib.qs_dequant(ctypes.byref(_layer(k, ops, shape)), w.data_ptr(), torch.get_num_threads())
     del ops
     if rc != 0:
         raise RuntimeError(f"{k.name}: dequantize returned {rc}")

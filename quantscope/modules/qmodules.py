@@ -49,25 +49,36 @@ class _QuantStorage(nn.Module):
         return family_of(self.spec).dequantize(self.storage(), self.spec, self.qshape, rows)
 
     def _linear(self, x: torch.Tensor, width: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """x times this storage's weight transposed: the packed-code kernel for a few fp32 rows on the
-        CPU (decoding); else the fp32 weight — dequantized by the kernel library where it can (the same
-        values, faster) — and the matmul."""
+        """x times this storage's weight transposed. On the CPU with fp32 activations: the packed-code
+        kernel for a few rows (decoding), the tiled product for a prefill's rows; else (and for an
+        evaluation window) the fp32 weight, dequantized by the kernel library where it can (the same
+        values, faster), and the matmul."""
         bound = self.__dict__.get("_bound")  # the decode step's path, checked first and cheaply
-        if (bound is not None and x.dtype is torch.float32 and x.numel() <= bound.max_elems and self.use_kernel
-                and x.device.type == "cpu" and self._buffers[self._keys[0]] is bound.tensors[0]
+        if bound is None or self._buffers[self._keys[0]] is not bound.tensors[0]:
+            bound = self._bind(x)
+        if (bound is not None and x.dtype is torch.float32 and x.is_cpu and self.use_kernel
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            y = bound(x.reshape(-1, width).contiguous()).reshape(*x.shape[:-1], out_features)
-            return y + bias if bias is not None else y
+            rows = x.numel() // width
+            if rows <= bound.max_rows:
+                y = bound(x.reshape(rows, width).contiguous()).view(*x.shape[:-1], out_features)
+                return y if bias is None else y + bias
+            if rows <= bound.gemm_rows:
+                y = bound.gemm(x.reshape(rows, width).contiguous()).view(*x.shape[:-1], out_features)
+                return y if bias is None else y + bias
         k = self.kernel
         usable = (k is not None and self.use_kernel and x.device.type == "cpu" and x.dtype == torch.float32
                   and not (x.requires_grad and torch.is_grad_enabled()) and cpu_kernels.available())
-        if usable and x.numel() <= k.max_rows * width:
-            bound = self.__dict__["_bound"] = cpu_kernels.Bound(k, self.storage(), self.spec, self.qshape)
-            bound.max_elems = k.max_rows * width
-            y = bound(x.reshape(-1, width).contiguous()).reshape(*x.shape[:-1], out_features)
-            return y + bias if bias is not None else y
         w = cpu_kernels.dequantize(k, self.storage(), self.spec, self.qshape) if usable else self.dequantized_weight()
         return nn.functional.linear(x, w.to(x.dtype), bias)
+
+    def _bind(self, x: torch.Tensor):
+        """The layer's kernel call with its arguments worked out (kept until its buffers move), or None."""
+        self.__dict__.pop("_bound", None)
+        if (self.kernel is None or not self.use_kernel or not x.is_cpu or x.dtype is not torch.float32
+                or not cpu_kernels.available()):
+            return None
+        bound = self.__dict__["_bound"] = cpu_kernels.Bound(self.kernel, self.storage(), self.spec, self.qshape)
+        return bound
 
     def kernel_name(self, device: str = "cpu") -> str:
         """What a decode step of this layer runs on `device`: the kernel's name, or "ref"."""
