@@ -171,3 +171,24 @@ def test_a_bound_layer_rebinds_after_copy_and_move():
         twin.to(torch.device("cpu"))
         assert twin.__dict__.get("_bound") is None
         torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_scored_windows_take_the_reference_path_at_any_length():
+    """A 32-token window would take the tiled product in a plain forward; scoring it does not, so its
+    figures equal the reference path's to the bit (they do not depend on --ctx choosing a kernel)."""
+    from quantscope.evaluate.perplexity import score_windows
+    from quantscope.modules.qmodules import reference_products
+
+    model = tiny_llama(hidden=64)
+    quantize(model, "int4-g32")
+    wins = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        plain = model(input_ids=wins[:1]).logits
+        with reference_products():
+            exact = model(input_ids=wins[:1]).logits
+        fast = score_windows(model, wins).summary()
+        set_kernels(model, False)
+        assert torch.equal(exact, model(input_ids=wins[:1]).logits)
+        torch.testing.assert_close(plain, exact, rtol=1e-4, atol=1e-4)  # the product: only the sums' order
+        assert score_windows(model, wins).summary() == fast

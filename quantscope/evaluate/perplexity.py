@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..modules.qmodules import reference_products
 from ..placement import module_device
 from .stats import mean_stderr
 
@@ -86,6 +87,7 @@ def _agreement(logp: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, tor
     return top1, kld.clamp_min_(0)
 
 
+@reference_products()
 def score_windows(model, windows: torch.Tensor, reference=None, score_from: int = 1,
                   progress=None, export=None) -> WindowScores:
     """Score [n, ctx] windows with `model`, comparing with `reference` if given.

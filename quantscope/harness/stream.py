@@ -43,6 +43,7 @@ from ..methods.calib_capture import capture_inputs, cast_floats, run_block
 from ..methods.calibrate import CalibConfig, _batches, _check_calib, calibrate_block, forward_inputs
 from ..model.blocks import TensorSource, check_complete, release, streamed_skeleton
 from ..model.gguf_source import open_source
+from ..modules.qmodules import reference_products
 from ..modules.names import block_prefix, block_names
 from ..modules.qmodules import QuantEmbedding, QuantLinear, TiedQuantHead
 from ..modules.swap import apply_plan, select_modules
@@ -129,6 +130,7 @@ def _load_outside(model: nn.Module, source: TensorSource, dtype: str, device: st
             set_module_tensor_to_device(model, n, device, value=b)
 
 
+@reference_products()  # every scored pass: the reference path at any window length
 def stream_jobs(jobs: list[Job], model_config, progress: Callable[[int, int, str], None] | None = None,
                 tokenizer=None) -> list[dict]:
     """Measure the baseline `jobs[0]` and the formats `jobs[1:]` in one streamed pass; one record per job.

@@ -229,7 +229,9 @@ def _measure(job: Job, progress: Callable | None, refs) -> dict:
             for task in job.tasks:
                 task_items[task.name] = score_task(qmodel, lm.tokenizer, task)
     if job.lm_eval:
-        with clock("lm_eval"):
+        from ..modules.qmodules import reference_products
+
+        with clock("lm_eval"), reference_products():
             task_items.update(_lm_eval_items(qmodel, lm.tokenizer, job.lm_eval, rec))
     if job.gen_prompts:
         from .agreement import measure_generation

@@ -51,6 +51,7 @@ from ..formats.registry import storage_bytes
 from ..formats.spec import FormatSpec
 from ..modules.names import block_index, block_names, block_prefix
 from ..modules.swap import apply_plan, select_modules, set_module, tied_pairs
+from ..modules.qmodules import reference_products
 from ..placement import module_device
 
 UNITS = ("layer", "block")
@@ -208,6 +209,7 @@ class SensitivityCache:
         write_json_atomic(self._path(windows, fmt, units, score_from), rows)
 
 
+@reference_products()
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, formats: Sequence[FormatSpec],
                         units: Sequence[Unit], score_from: int = 1, cache: SensitivityCache | None = None,
                         progress: Callable[[int, int], None] | None = None,

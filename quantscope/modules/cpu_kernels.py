@@ -168,8 +168,8 @@ class Kernel:
 _MAX_ROWS = {"int4": 1, "int8": 2, "uint8": 2, "lut4": 1, "float16": 2}
 # Above max_rows and up to this many rows, the tiled product beats dequantize + fp32 matmul (same
 # measurement: at 64 rows 0.75-0.8x its time, at 128 rows 1.0-1.05x with the weight in cache, where
-# fp32 has its best case); kept below 256, the shortest window an evaluation scores, so perplexity, KLD
-# and the sensitivity scan keep the reference path's exact figures.
+# fp32 has its best case; at 256 rows 1.15-1.25x). Scored forwards never take it, at any length
+# (qmodules.reference_products): their figures stay the reference path's.
 GEMM_MAX_ROWS = 128
 
 

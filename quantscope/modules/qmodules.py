@@ -10,6 +10,9 @@ formats without a kernel). :func:`kernels_used` names what a model's layers run,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
@@ -17,6 +20,23 @@ from ..formats.qtensor import QuantizedTensor
 from ..formats.registry import family_of
 from ..formats.spec import FormatSpec
 from . import cpu_kernels
+
+
+_SCORING = contextvars.ContextVar("quantscope_scoring", default=False)
+
+
+@contextlib.contextmanager
+def reference_products():
+    """Inside this block (or a function it decorates) quantized layers take the reference path whatever
+    the number of rows: dequantize bit-identically, then the fp32 matmul. Scored forwards (perplexity,
+    KLD, tasks, the sensitivity scan) run under it, so a figure does not depend on the window length
+    choosing a kernel (a 32-token window would otherwise take the tiled product, whose sums run in
+    another order); generation and the speed loop run the kernels. Scoped to the calling thread/context."""
+    token = _SCORING.set(True)
+    try:
+        yield
+    finally:
+        _SCORING.reset(token)
 
 
 class _QuantStorage(nn.Module):
@@ -57,7 +77,7 @@ class _QuantStorage(nn.Module):
         if bound is None or self._buffers[self._keys[0]] is not bound.tensors[0]:
             bound = self._bind(x)
         if (bound is not None and x.dtype is torch.float32 and x.is_cpu and self.use_kernel
-                and not (x.requires_grad and torch.is_grad_enabled())):
+                and not (x.requires_grad and torch.is_grad_enabled()) and not _SCORING.get()):
             rows = x.numel() // width
             if rows <= bound.max_rows:
                 y = bound(x.reshape(rows, width).contiguous()).view(*x.shape[:-1], out_features)

@@ -23,6 +23,7 @@ import torch
 
 from quantscope.errors import QuantscopeError
 from quantscope.evaluate.tasks.items import CLOZE, Task, TaskScores
+from quantscope.modules.qmodules import reference_products
 from quantscope.placement import module_device
 
 
@@ -111,6 +112,7 @@ def score_rows_from_hidden(rows: list[_Row], hidden: list[torch.Tensor], head: C
     return results  # type: ignore[return-value]
 
 
+@reference_products()
 def loglikelihoods(
     model: torch.nn.Module,
     pairs: list[tuple[list[int], list[int]]],
