@@ -4,7 +4,7 @@
 
 The embedded SmolLM2-135M (fp32 baseline) is loaded once; each format quantizes a fresh copy and is timed
 by quantscope's speed loop (the first 64 tokens of the Python docs text as the prompt, 16 new tokens,
-greedy with the KV cache, warm-up then median of 3) twice: with its kernel (what `compare` reports) and
+greedy with the KV cache, warm-up then median of 5) twice: with its kernel (what `compare` reports) and
 forced onto the reference path (dequantize + fp32 matmul per call), so a row shows what the kernel buys.
 The greedy tokens of both paths must agree. Where llama-cpp-python is installed, llama.cpp's F32, Q8_0
 and Q4_0 (its own quantizer and CPU kernels, from the same GGUF) are rows too, and int4-g64 is compared
@@ -47,11 +47,13 @@ def main() -> None:
     ap.add_argument("--formats", default=FORMATS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
+    # a 64-token prefill takes about 0.1 s: with 3 repeats one hiccup moved a row's median by 30%
+    ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lm = load_model("default", dtype="float32", device="cpu")
     ids = tokenize(lm.tokenizer, load_text("python-docs").text)
-    cfg = SpeedConfig(prompt_tokens=64, new_tokens=a.new_tokens, repeats=3)
+    cfg = SpeedConfig(prompt_tokens=64, new_tokens=a.new_tokens, repeats=a.repeats)
     # the process's first timed run is slower (threads, allocator and caches warming): fp32 is timed first,
     # so without this its prefill read 30% low in one run and every ratio to it high
     measure_speed(lm.model, ids, SpeedConfig(prompt_tokens=cfg.prompt_tokens, new_tokens=4, repeats=2))

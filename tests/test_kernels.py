@@ -20,6 +20,11 @@ KERNEL_FORMATS = ("int8", "int4-g64", "int4-g128", "int4-g32-sym", "int8-g64", "
 SHAPES = ((96, 576), (40, 70), (17, 130))  # [out, in]: embedded-model width, odd widths with scalar tails
 
 
+def _builds():
+    """The kernel builds this CPU runs: AVX2 always, AVX-512 where it has it (the product's 16-wide path)."""
+    return ("avx2", "avx512") if ck.build() == "avx512" else ("avx2",)
+
+
 def _weight(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g) * 0.05
@@ -29,6 +34,17 @@ def _weight(shape, seed=0):
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matvec_equals_the_reference_path(fmt, shape):
+    for isa in _builds():  # the AVX-512 build's 4-bit, 8-bit and table steps differ from the AVX2 build's
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("QUANTSCOPE_KERNEL_ISA", isa)
+            ck._load.cache_clear()
+            try:
+                _check_matvec(fmt, shape)
+            finally:
+                ck._load.cache_clear()
+
+
+def _check_matvec(fmt, shape):
     spec = parse_format(fmt)
     qt = quantize_tensor(_weight(shape), spec)
     k = ck.kernel_for(spec, qt.shape)
@@ -40,11 +56,6 @@ def test_matvec_equals_the_reference_path(fmt, shape):
         ref = x @ ref_w.T
         # only the order of the fp32 sums differs
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-
-
-def _builds():
-    """The kernel builds this CPU runs: AVX2 always, AVX-512 where it has it (the product's 16-wide path)."""
-    return ("avx2", "avx512") if ck.build() == "avx512" else ("avx2",)
 
 
 @needs_kernels

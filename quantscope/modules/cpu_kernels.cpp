@@ -16,6 +16,61 @@
 
 namespace {
 
+#ifdef __AVX512F__
+// The AVX-512 build's 4-bit step (xp as for rows_dot): two rows' 64 codes side by side in one 512-bit
+// register, xp's 8 values broadcast to both halves, so each mask / convert / multiply-add serves two rows;
+// the scaled group sums stay in 512-bit registers across groups (a group of 64 columns is one step, so
+// per-group work was as large as the step's own). Columns past the last whole 64 of a group: scalar.
+template <int R>
+inline void rows_dot_u4_pairs(const float* x, const float* xp, const float* xg, const uint8_t* codes,
+                              int64_t row_bytes, const char* scales, int sstride, int sf32, const uint16_t* zeros,
+                              float zconst, int64_t ng, int64_t K, int64_t G, float* y) {
+    constexpr int P = R / 2;
+    __m512 tot[P];
+    float scalar[R];
+    for (int p = 0; p < P; ++p) tot[p] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) scalar[r] = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+        __m512 z0[P], z1[P];
+        for (int p = 0; p < P; ++p) { z0[p] = _mm512_setzero_ps(); z1[p] = _mm512_setzero_ps(); }
+        int64_t k = k0;
+        for (; k + 64 <= k1; k += 64) {
+            __m512i v[P];
+            for (int p = 0; p < P; ++p)
+                v[p] = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p * row_bytes + k / 2))),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (2 * p + 1) * row_bytes + k / 2)), 1);
+            for (int j = 0; j < 8; ++j) {
+                const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xp + k + 8 * j));
+                for (int p = 0; p < P; ++p) {
+                    const __m512i q = j < 7 ? _mm512_and_si512(v[p], _mm512_set1_epi32(0xF << (4 * j)))
+                                            : _mm512_srli_epi32(v[p], 28);
+                    if (j & 1) z1[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, z1[p]);
+                    else z0[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, z0[p]);
+                }
+            }
+        }
+        float s[R];
+        for (int r = 0; r < R; ++r) {
+            s[r] = scale_at(scales ? static_cast<const void*>(scales + r * ng * sstride) : nullptr, sf32, g);
+            const float z = zeros ? _cvtsh_ss(zeros[r * ng + g]) : zconst;
+            float tail = 0.f;
+            for (int64_t j = k; j < k1; ++j) tail += code_at<U4>(codes + r * row_bytes, j, nullptr) * x[j];
+            scalar[r] += s[r] * (tail - z * xg[g]);
+        }
+        for (int p = 0; p < P; ++p) {
+            const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]), 1);
+            tot[p] = _mm512_fmadd_ps(sv, _mm512_add_ps(z0[p], z1[p]), tot[p]);
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+        y[2 * p] = hsum(_mm512_castps512_ps256(tot[p])) + scalar[2 * p];
+        y[2 * p + 1] = hsum(_mm512_extractf32x8_ps(tot[p], 1)) + scalar[2 * p + 1];
+    }
+}
+#endif
+
 // R output rows n..n+R for one activation row x (the decode step): x is loaded once for all R rows, and
 // each row sums into two accumulators, so 2R independent chains of fused multiply-adds are in flight (a
 // single chain per row waits on the previous add's latency at every step, about 4x below throughput)
@@ -29,6 +84,12 @@ template <int C, int R>
 inline void rows_dot(const float* x, const float* xp, const float* xg, const uint8_t* codes, int64_t row_bytes,
                      const char* scales, int sstride, int sf32, const uint16_t* zeros, float zconst, int64_t ng,
                      int64_t K, int64_t G, const float* table, __m256 tlo, __m256 thi, float* y) {
+#ifdef __AVX512F__
+    if (C == U4 && R % 2 == 0 && xp != nullptr) {
+        rows_dot_u4_pairs<(R % 2 == 0 ? R : 2)>(x, xp, xg, codes, row_bytes, scales, sstride, sf32, zeros, zconst, ng, K, G, y);
+        return;
+    }
+#endif
     __m256 total[R];
     float scalar[R];
     for (int r = 0; r < R; ++r) { total[r] = _mm256_setzero_ps(); scalar[r] = 0.f; }
@@ -38,44 +99,26 @@ inline void rows_dot(const float* x, const float* xp, const float* xg, const uin
         for (int r = 0; r < R; ++r) { acc0[r] = _mm256_setzero_ps(); acc1[r] = _mm256_setzero_ps(); }
         int64_t k = k0;
 #ifdef __AVX512F__
-        // the AVX-512 build: two rows' 64 codes side by side in one 512-bit register, xp's 8 values
-        // broadcast to both halves, so each mask / convert / multiply-add serves two rows
-        if (C == U4 && xp != nullptr && R % 2 == 0) {
-            __m512 z0[R / 2 + 1], z1[R / 2 + 1];
-            for (int p = 0; p < R / 2; ++p) { z0[p] = _mm512_setzero_ps(); z1[p] = _mm512_setzero_ps(); }
-            for (; k + 64 <= k1; k += 64) {
-                __m512i v[R / 2 + 1];
-                for (int p = 0; p < R / 2; ++p)
-                    v[p] = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p * row_bytes + k / 2))),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (2 * p + 1) * row_bytes + k / 2)), 1);
-                for (int j = 0; j < 8; ++j) {
-                    const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xp + k + 8 * j));
-                    for (int p = 0; p < R / 2; ++p) {
-                        const __m512i q = j < 7 ? _mm512_and_si512(v[p], _mm512_set1_epi32(0xF << (4 * j)))
-                                                : _mm512_srli_epi32(v[p], 28);
-                        if (j & 1) z1[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, z1[p]);
-                        else z0[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, z0[p]);
-                    }
-                }
-            }
-            for (int p = 0; p < R / 2; ++p) {
-                acc0[2 * p] = _mm256_add_ps(acc0[2 * p], _mm512_castps512_ps256(z0[p]));
-                acc0[2 * p + 1] = _mm256_add_ps(acc0[2 * p + 1], _mm512_extractf32x8_ps(z0[p], 1));
-                acc1[2 * p] = _mm256_add_ps(acc1[2 * p], _mm512_castps512_ps256(z1[p]));
-                acc1[2 * p + 1] = _mm256_add_ps(acc1[2 * p + 1], _mm512_extractf32x8_ps(z1[p], 1));
-            }
-        }
-        // and 8-bit codes sixteen at a time: one widening from memory per 16 codes, half the AVX2 step's
-        if (C == S8 || C == U8) {
+        // and 8-bit codes sixteen at a time: one widening from memory per 16 codes, half the AVX2 step's;
+        // table codes (NF4/FP4) too: one 16-entry permute looks up all 16 values (AVX2: two and a blend)
+        if (C == S8 || C == U8 || C == LUT4) {
             __m512 zs[R];
             for (int r = 0; r < R; ++r) zs[r] = _mm512_setzero_ps();
+            const __m512 tz = _mm512_insertf32x8(_mm512_castps256_ps512(tlo), thi, 1);
+            const __m128i m4 = _mm_set1_epi8(0x0F);
             for (; k + 16 <= k1; k += 16) {
                 const __m512 xv = _mm512_loadu_ps(x + k);
                 for (int r = 0; r < R; ++r) {
-                    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes + k));
-                    const __m512i q = C == S8 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-                    zs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, zs[r]);
+                    __m512 w;
+                    if (C == LUT4) {
+                        const __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + r * row_bytes + k / 2));
+                        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(by, m4), _mm_and_si128(_mm_srli_epi16(by, 4), m4));
+                        w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), tz);
+                    } else {
+                        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes + k));
+                        w = _mm512_cvtepi32_ps(C == S8 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+                    }
+                    zs[r] = _mm512_fmadd_ps(w, xv, zs[r]);
                 }
             }
             for (int r = 0; r < R; ++r) {

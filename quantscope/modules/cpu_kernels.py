@@ -14,11 +14,12 @@ of a multiple of 64 take a shuffle-free 64-column step (cpu_kernels.cpp says how
 A prefill's rows (2 to GEMM_MAX_ROWS) take the tiled product (`cpu_gemm.cpp`): each thread dequantizes
 16 weight rows at a time into a buffer that stays in its caches and multiplies every activation row with
 them, so the fp32 weight is never written out; the reference path's extra write and read of it had made
-every quantized prefill 0.90-0.99x fp32's (benchmarks/speed.py, Intel Xeon), now 1.08-1.16x.
+every quantized prefill 0.90-0.99x fp32's (benchmarks/speed.py, Intel Xeon), now 1.08-1.19x.
 
 Where the CPU has AVX-512 (F, DQ, BW, VL) the library is built with it: the product runs 16 wide, 4-bit
 decode steps put two rows in one 512-bit register and 8-bit ones widen 16 codes at once (measured on one
-576->1536 layer, one thread: int8 53 -> 42 us; 4-bit unchanged, bound by its per-group work). Kernel names stay "quantscope-avx2:<kind>" in records: the same
+576->1536 layer, one thread: int8 53 -> 41 us, int4-g64 92 -> 67 us, the scaled sums kept in 512-bit
+registers across groups: a 64-column group is one step, so per-group work had been as large as the step). Kernel names stay "quantscope-avx2:<kind>" in records: the same
 kernels, whichever build (:func:`build` says which ran).
 
 Torch's own CPU kernels were measured first on this machine (benchmarks/kernel_speed.py, AMD EPYC, AVX2, no
