@@ -74,10 +74,19 @@ def start_child(process, ctx) -> None:
         return
     from multiprocessing import forkserver
 
-    with children_ignore_sigint():
-        forkserver.ensure_running()  # a no-op once the server runs; its workers inherit its ignored SIGINT
+    if not _server_running(forkserver):
+        # while SIGINT is ignored, one delivered to another of our threads (torch's, once it has computed)
+        # is lost: enter that window only to start the server, not for every worker it forks
+        with children_ignore_sigint():
+            forkserver.ensure_running()  # its workers inherit its ignored SIGINT
     with deferred_sigint():
         process.start()
+
+
+def _server_running(forkserver) -> bool:
+    """Whether multiprocessing's forkserver is already up (CPython keeps its pid on the module's
+    singleton; where it does not, False: the caller then takes the old, always-correct path)."""
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None
 
 
 def start_server(ctx) -> None:
