@@ -140,13 +140,4 @@ int qs_gemm(const QsLayer* L, const float* x, float* y, int64_t M, int threads) 
     QS_DISPATCH(gemm, L, x, L->codes, L->scales, L->sf32, L->zeros, L->zconst, L->table, y, M, L->N, L->K, L->G,
                 L->row_bytes, threads);
 }
-
-// 1 when this library was built with AVX-512 (its matrix product then uses 16-wide vectors)
-int qs_gemm_avx512(void) {
-#ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
-#endif
-}
 }

@@ -203,32 +203,30 @@ void matvec(const float* x, const uint8_t* codes, const void* scales, int sf32, 
         xp = new float[M * K];
         for (int64_t m = 0; m < M; ++m) permute_u4(x + m * K, xp + m * K, K);
     }
-    {
-        const int64_t nb = (N + R - 1) / R;
+    const int64_t nb = (N + R - 1) / R;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
-        for (int64_t b = 0; b < nb; ++b) {
-            const int64_t n = b * R;
-            const char* srow = scales ? static_cast<const char*>(scales) + n * ng * sstride : nullptr;
-            const uint16_t* zrow = zeros ? static_cast<const uint16_t*>(zeros) + n * ng : nullptr;
-            float out[R];
-            // the weights come from memory on a decode step (the model does not fit in the caches): ask for
-            // the block PF blocks ahead now, so its loads overlap this block's arithmetic
-            if (n + (PF + 1) * R <= N) {
-                const uint8_t* ahead = codes + (n + PF * R) * row_bytes;
-                for (int64_t off = 0; off < R * row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-            }
-            for (int64_t m = 0; m < M; ++m) {
-                if (n + R <= N) {
-                    rows_dot<C, R>(x + m * K, xp ? xp + m * K : nullptr, xg + m * ng, codes + n * row_bytes, row_bytes, srow, sstride, sf32,
-                                   zrow, zconst, ng, K, G, table, tlo, thi, out);
-                    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
-                } else {
-                    for (int64_t r = 0; n + r < N; ++r)
-                        rows_dot<C, 1>(x + m * K, xp ? xp + m * K : nullptr, xg + m * ng, codes + (n + r) * row_bytes, row_bytes,
-                                       srow ? srow + r * ng * sstride : nullptr, sstride, sf32,
-                                       zrow ? zrow + r * ng : nullptr, zconst, ng, K, G, table, tlo, thi,
-                                       y + m * N + n + r);
-                }
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t n = b * R;
+        const char* srow = scales ? static_cast<const char*>(scales) + n * ng * sstride : nullptr;
+        const uint16_t* zrow = zeros ? static_cast<const uint16_t*>(zeros) + n * ng : nullptr;
+        float out[R];
+        // the weights come from memory on a decode step (the model does not fit in the caches): ask for
+        // the block PF blocks ahead now, so its loads overlap this block's arithmetic
+        if (n + (PF + 1) * R <= N) {
+            const uint8_t* ahead = codes + (n + PF * R) * row_bytes;
+            for (int64_t off = 0; off < R * row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+            if (n + R <= N) {
+                rows_dot<C, R>(x + m * K, xp ? xp + m * K : nullptr, xg + m * ng, codes + n * row_bytes, row_bytes, srow, sstride, sf32,
+                               zrow, zconst, ng, K, G, table, tlo, thi, out);
+                for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
+            } else {
+                for (int64_t r = 0; n + r < N; ++r)
+                    rows_dot<C, 1>(x + m * K, xp ? xp + m * K : nullptr, xg + m * ng, codes + (n + r) * row_bytes, row_bytes,
+                                   srow ? srow + r * ng * sstride : nullptr, sstride, sf32,
+                                   zrow ? zrow + r * ng : nullptr, zconst, ng, K, G, table, tlo, thi,
+                                   y + m * N + n + r);
             }
         }
     }

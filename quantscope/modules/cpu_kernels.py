@@ -163,13 +163,14 @@ class Kernel:
 
 
 # Rows of activations up to which the matrix-vector kernel beats the tiled product (cpu_gemm.cpp), per
-# kind (measured on the embedded model's layer shapes, 2 threads, Intel Xeon, AVX-512 build: at one row
-# the matrix-vector kernel takes 0.45-0.9x the product's time; at two rows 4-bit codes are already
-# faster through the product; at four rows every kind is). Decode steps are 1 row.
+# kind (measured on the embedded model's 576->1536 and 1536->576 layers, 2 threads, Intel Xeon, AVX-512
+# build: at one row the matrix-vector kernel takes 0.5-1.0x the product's time; at two rows 4-bit codes
+# are already faster through the product, 8/16-bit ones not yet; at four rows all but bf16 1536->576
+# are). Decode steps are 1 row.
 _MAX_ROWS = {"int4": 1, "int8": 2, "uint8": 2, "lut4": 1, "float16": 2}
 # Above max_rows and up to this many rows, the tiled product beats dequantize + fp32 matmul (same
-# measurement: at 64 rows 0.75-0.8x its time, at 128 rows 1.0-1.05x with the weight in cache, where
-# fp32 has its best case; at 256 rows 1.15-1.25x). Scored forwards never take it, at any length
+# measurement, 576->576, 576->1536 and 1536->576: at 64 rows 0.72-0.92x its time, at 128 rows
+# 0.97-1.09x with the weight in cache, where fp32 has its best case; at 256 rows 1.05-1.20x). Scored forwards never take it, at any length
 # (qmodules.reference_products): their figures stay the reference path's.
 GEMM_MAX_ROWS = 128
 
@@ -254,22 +255,18 @@ class Bound:
     def __reduce__(self):  # a copied or pickled layer binds again: its pointers would be another's
         return (_unbound, ())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y [rows, out] = x [rows, in] (fp32, CPU, contiguous) times the layer's weight."""
+    def __call__(self, x: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """y [rows, out] = x [rows, in] (fp32, CPU, contiguous) times the layer's weight: the matrix-vector
+        kernel (a decode step: this call is its hot path, one frame), or with `tiled` the tiled product."""
         y = torch.empty(x.shape[0], self.out_f, dtype=torch.float32)
-        rc = self.fn(self._ref, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
+        rc = (self.gemm_fn if tiled else self.fn)(self._ref, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"{self.name}: kernel returned {rc}")
         return y
 
-
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """The same product for many rows (a prefill): weight tiles dequantized in cache (cpu_gemm.cpp)."""
-        y = torch.empty(x.shape[0], self.out_f, dtype=torch.float32)
-        rc = self.gemm_fn(self._ref, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"{self.name}: matrix product returned {rc}")
-        return y
+        return self(x, tiled=True)
 
 
 def _unbound() -> None:

@@ -70,14 +70,15 @@ class _QuantStorage(nn.Module):
 
     def _linear(self, x: torch.Tensor, width: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
         """x times this storage's weight transposed. On the CPU with fp32 activations: the packed-code
-        kernel for a few rows (decoding), the tiled product for a prefill's rows; else (and for an
-        evaluation window) the fp32 weight, dequantized by the kernel library where it can (the same
+        kernel for a few rows (decoding), the tiled product for a prefill's rows; else (and for every
+        scored forward: reference_products) the fp32 weight, dequantized by the kernel library where it can (the same
         values, faster), and the matmul."""
         bound = self.__dict__.get("_bound")  # the decode step's path, checked first and cheaply
         if bound is None or self._buffers[self._keys[0]] is not bound.tensors[0]:
             bound = self._bind(x)
-        if (bound is not None and x.dtype is torch.float32 and x.is_cpu and self.use_kernel
-                and not (x.requires_grad and torch.is_grad_enabled()) and not _SCORING.get()):
+        fast = (bound is not None and x.dtype is torch.float32 and x.is_cpu and self.use_kernel
+                and not (x.requires_grad and torch.is_grad_enabled()))
+        if fast and not _SCORING.get():
             rows = x.numel() // width
             if rows <= bound.max_rows:
                 y = bound(x.reshape(rows, width).contiguous()).view(*x.shape[:-1], out_features)
@@ -85,10 +86,7 @@ class _QuantStorage(nn.Module):
             if rows <= bound.gemm_rows:
                 y = bound.gemm(x.reshape(rows, width).contiguous()).view(*x.shape[:-1], out_features)
                 return y if bias is None else y + bias
-        k = self.kernel
-        usable = (k is not None and self.use_kernel and x.device.type == "cpu" and x.dtype == torch.float32
-                  and not (x.requires_grad and torch.is_grad_enabled()) and cpu_kernels.available())
-        w = cpu_kernels.dequantize(k, self.storage(), self.spec, self.qshape) if usable else self.dequantized_weight()
+        w = cpu_kernels.dequantize(self.kernel, self.storage(), self.spec, self.qshape) if fast else self.dequantized_weight()
         return nn.functional.linear(x, w.to(x.dtype), bias)
 
     def _bind(self, x: torch.Tensor):
